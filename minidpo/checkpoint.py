@@ -1,0 +1,321 @@
+"""Hugging Face checkpoints in and out: config.json mapping, safetensors load and save, Hub download.
+
+The model fuses q/k/v and the SwiGLU gate/up projections (see model.py); the files keep HF's
+separate tensors. TENSOR_PLAN below is the one place where the two namings meet, used in both
+directions. Weights are read from safetensors only: nothing is ever unpickled.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import ModelConfig, Transformer
+
+FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "LlamaForSequenceClassification": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen2ForSequenceClassification": "qwen2",
+    "GPTNeoXForCausalLM": "gpt_neox",
+    "GPTNeoXForSequenceClassification": "gpt_neox",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a Hub download fetches: weights, configs and tokenizer files, never pickles.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*"]
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """ModelConfig from a config.json in either spelling: transformers 4 (rope_theta, rope_scaling,
+    rotary_pct) or transformers 5 (rope_parameters, partial_rotary_factor)."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    family = FAMILIES.get(arch)
+    if family is None:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(FAMILIES)}")
+    if hf.get("use_sliding_window"):
+        raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or rope
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    common = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rotary_dim=int(head_dim * partial),
+        rope_scaling={**scaling, "rope_type": rope_type} if rope_type != "default" else None,
+        activation=hf.get("hidden_act", "silu"),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        num_labels=num_labels(hf) if arch.endswith("ForSequenceClassification") else 0,
+    )
+    if family == "gpt_neox":
+        bias = hf.get("attention_bias", True)
+        return ModelConfig(
+            **common, norm_eps=hf.get("layer_norm_eps", 1e-5), layer_norm=True, gated_mlp=False,
+            qkv_bias=bias, out_bias=bias, mlp_bias=True, parallel_residual=hf.get("use_parallel_residual", True),
+        )
+    bias = hf.get("attention_bias", family == "qwen2")
+    return ModelConfig(
+        **common, norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=bias,
+        out_bias=bias and family == "llama", mlp_bias=hf.get("mlp_bias", False),
+    )
+
+
+def num_labels(hf: dict) -> int:
+    # transformers stores the label count as id2label; a bare config means its default of 2.
+    return hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+
+
+def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
+    """minidpo parameter name -> the HF tensor names it is made of (concatenated along dim 0).
+
+    GPT-NeoX's fused query_key_value is one tensor, but interleaved per head; neox_qkv_to_ours
+    reorders it."""
+    family = FAMILIES[hf["architectures"][0]]
+    classifier = cfg.num_labels > 0
+    plan = {}
+
+    def add(ours, theirs, bias):
+        plan[f"{ours}.weight"] = [f"{t}.weight" for t in theirs]
+        if bias:
+            plan[f"{ours}.bias"] = [f"{t}.bias" for t in theirs]
+
+    if family == "gpt_neox":
+        base = "gpt_neox."
+        add("embed", [base + "embed_in"], False)
+        add("norm", [base + "final_layer_norm"], True)
+        if not classifier and not cfg.tie_word_embeddings:
+            add("lm_head", ["embed_out"], False)
+        for i in range(cfg.num_layers):
+            src, dst = f"{base}layers.{i}.", f"layers.{i}."
+            add(dst + "attn_norm", [src + "input_layernorm"], True)
+            add(dst + "attn.qkv", [src + "attention.query_key_value"], cfg.qkv_bias)
+            add(dst + "attn.out", [src + "attention.dense"], cfg.out_bias)
+            add(dst + "mlp_norm", [src + "post_attention_layernorm"], True)
+            add(dst + "mlp.up", [src + "mlp.dense_h_to_4h"], True)
+            add(dst + "mlp.down", [src + "mlp.dense_4h_to_h"], True)
+    else:
+        base = "model."
+        add("embed", [base + "embed_tokens"], False)
+        add("norm", [base + "norm"], False)
+        if not classifier and not cfg.tie_word_embeddings:
+            add("lm_head", ["lm_head"], False)
+        for i in range(cfg.num_layers):
+            src, dst = f"{base}layers.{i}.", f"layers.{i}."
+            attn = src + "self_attn."
+            add(dst + "attn_norm", [src + "input_layernorm"], False)
+            add(dst + "attn.qkv", [attn + "q_proj", attn + "k_proj", attn + "v_proj"], cfg.qkv_bias)
+            add(dst + "attn.out", [attn + "o_proj"], cfg.out_bias)
+            add(dst + "mlp_norm", [src + "post_attention_layernorm"], False)
+            add(dst + "mlp.up", [src + "mlp.gate_proj", src + "mlp.up_proj"], cfg.mlp_bias)
+            add(dst + "mlp.down", [src + "mlp.down_proj"], cfg.mlp_bias)
+    if classifier:
+        add("score", ["score"], False)
+    return plan
+
+
+def is_neox_qkv(hf: dict, name: str) -> bool:
+    return FAMILIES[hf["architectures"][0]] == "gpt_neox" and ".attn.qkv." in name
+
+
+def neox_qkv_to_ours(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # GPT-NeoX lays out query_key_value's outputs as [head, (q|k|v), head_dim]; ours is
+    # [(q|k|v), head, head_dim]. Same for the bias (a 1-D tensor).
+    rest = t.shape[1:]
+    return t.reshape(num_heads, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+
+
+def neox_qkv_to_hf(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    rest = t.shape[1:]
+    return t.reshape(3, num_heads, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return [path / f for f in sorted(set(read_json(index)["weight_map"].values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (
+            f" (found {', '.join(pickles)}: minidpo never unpickles; convert once with transformers: "
+            "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))"
+            if pickles else ""
+        )
+        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+def resolve(name_or_path: str) -> Path:
+    """A local directory as it is; the offline SmolLM2 by its name; anything else is a Hub repo id,
+    downloaded (or found in the HF cache; HF_HUB_OFFLINE=1 is honoured) with huggingface_hub."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if name_or_path.startswith("offline:"):
+        from .gguf_import import OFFLINE_MODEL, offline_model_dir
+
+        if name_or_path != OFFLINE_MODEL:
+            raise FileNotFoundError(f"unknown offline model {name_or_path!r}; there is {OFFLINE_MODEL!r}")
+        return offline_model_dir()
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"{name_or_path} is not a model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name_or_path, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"could not get {name_or_path!r} from the Hugging Face Hub or its cache: {first_line}"
+        ) from None
+
+
+def load_model(name_or_path: str, dtype=None, device=None) -> Transformer:
+    """Build the model on the meta device, then fill it tensor by tensor from the safetensors files,
+    converted to `dtype` (default float32) on `device`: peak memory stays about one copy."""
+    path = resolve(name_or_path)
+    hf = read_json(path / "config.json")
+    cfg = model_config_from_hf(hf)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    plan = tensor_plan(hf, cfg)
+    files = safetensors_files(path)
+    handles = {}
+    try:
+        for f in files:
+            handles[f] = safe_open(f, framework="pt", device="cpu")
+    except Exception as e:
+        raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+    where = {name: h for h in handles.values() for name in h.keys()}
+    state = {}
+    for ours, theirs in plan.items():
+        missing = [t for t in theirs if t not in where]
+        if missing:
+            raise ValueError(f"{path}: tensor {missing[0]} is missing from the safetensors files")
+        parts = [where[t].get_tensor(t).to(device=device, dtype=dtype) for t in theirs]
+        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if is_neox_qkv(hf, ours):
+            tensor = neox_qkv_to_ours(tensor, cfg.num_heads)
+        if tensor.shape != expected[ours].shape:
+            raise ValueError(
+                f"{path}: tensor {theirs[0]} has shape {tuple(parts[0].shape)}, "
+                f"which does not fit config.json (expected {tuple(expected[ours].shape)} for {ours})"
+            )
+        state[ours] = tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = model.inv_freq.to(device=device)
+    model.cfg.hf_config = hf
+    return model
+
+
+def hf_state_dict(model: Transformer, hf: dict) -> dict[str, torch.Tensor]:
+    """The model's weights under HF names, fused tensors split back."""
+    cfg = model.cfg
+    state = model.state_dict()
+    out = {}
+    for ours, theirs in tensor_plan(hf, cfg).items():
+        tensor = state[ours]
+        if is_neox_qkv(hf, ours):
+            tensor = neox_qkv_to_hf(tensor, cfg.num_heads)
+        sizes = split_sizes(cfg, ours) if len(theirs) > 1 else [tensor.shape[0]]
+        for name, part in zip(theirs, tensor.split(sizes)):
+            out[name] = part.contiguous()
+    return out
+
+
+def split_sizes(cfg: ModelConfig, name: str) -> list[int]:
+    if ".attn.qkv." in name:
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return [q, kv, kv]
+    return [cfg.intermediate_size, cfg.intermediate_size]  # gate, up
+
+
+def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 5 * 2**30):
+    """Write the HF layout (config.json, safetensors shards with an index above max_shard_bytes,
+    generation_config.json, tokenizer files) so transformers' from_pretrained loads it.
+
+    Everything goes into a temporary sibling directory that is renamed into place when complete:
+    a crash leaves the previous checkpoint (if any) intact and never a half-written one."""
+    out_dir = Path(out_dir)
+    hf = dict(model.cfg.hf_config)
+    tensors = hf_state_dict(model, hf)
+    dtype = next(iter(tensors.values())).dtype
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    hf["dtype"] = dtype_name
+    if "torch_dtype" in hf:
+        hf["torch_dtype"] = dtype_name
+    hf["tie_word_embeddings"] = model.cfg.tie_word_embeddings
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write_shards(tensors, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            generation = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                          "eos_token_id": tokenizer.eos_token_ids}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / filename, metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def replace_dir(new: Path, target: Path):
+    """Move `new` to `target`; an existing target is swapped out first and removed only after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)

@@ -1,0 +1,272 @@
+"""The decoder-only transformer behind every model minidpo loads.
+
+One module covers the Hugging Face families Llama (SmolLM2, TinyLlama, Llama 3), Qwen2 and GPT-NeoX
+(Pythia); their differences are the switches in ModelConfig. checkpoint.py maps each family's
+config.json and tensor names onto this module.
+
+Two choices run through the file:
+- A token's rotary position is the number of real (unmasked) tokens before it. Left-padded prompts
+  therefore get the same positions as unpadded ones, and every row of a batch computes what it
+  would compute alone.
+- q/k/v are one matmul and so are the SwiGLU gate and up projections: fewer, larger kernels for
+  the sampler's small decode steps. checkpoint.py fuses and splits them at the file boundary.
+"""
+
+from dataclasses import dataclass, field
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rotary_dim: int | None = None  # None rotates the whole head; GPT-NeoX rotates a fraction
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...}
+    norm_eps: float = 1e-5
+    layer_norm: bool = False  # GPT-NeoX: LayerNorm with bias; the others: RMSNorm
+    gated_mlp: bool = True  # SwiGLU (Llama, Qwen2) or a plain two-layer MLP (GPT-NeoX)
+    activation: str = "silu"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    parallel_residual: bool = False  # GPT-NeoX: attention and MLP both read the block's input
+    tie_word_embeddings: bool = False
+    num_labels: int = 0  # > 0: a sequence-classification (reward) model with a `score` head
+    hf_config: dict | None = field(default=None, repr=False)  # the config.json it came from; saved back
+
+    def __post_init__(self):
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/d) for i < d/2, with the linear or Llama 3 rescaling."""
+    dim = cfg.rotary_dim
+    # device="cpu" on purpose: the model may be built on the meta device, and this buffer is not
+    # in the checkpoint, so it must hold real values from the start.
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: wavelengths longer than the original context / low_freq_factor are slowed down
+        # by `factor`, those shorter than context / high_freq_factor are kept, and the band between
+        # is interpolated linearly in context/wavelength.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif kind != "default":
+        raise ValueError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3")
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim features of x [B, H, T, head_dim] in "half" layout:
+    pairs are (i, i + d/2), not adjacent features (the HF checkpoints are stored that way)."""
+    rotary_dim = cos.shape[-1]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32: squares of bf16 activations lose too much precision.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.layer_norm:
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
+
+    def forward(self, x, cos, sin, mask, kv=None, slots=None):
+        """x [B, T, hidden]; mask [B, 1, T, S] bool or None for plain causal; kv: this layer's
+        (keys, values) cache buffers [B, kv_heads, S, head_dim], written at columns `slots`."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if kv is not None:
+            kv[0].index_copy_(2, slots, k)
+            kv[1].index_copy_(2, slots, v)
+            k, v = kv
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+        else:
+            # With a mask, fused kernels reject enable_gqa and fall back to the slow math path.
+            # Fold each KV group's query heads into the query axis instead ([B, Hkv, group*T, D]);
+            # the mask rows repeat per group. Keys and values are never copied.
+            group = H // Hkv
+            q = q.reshape(B, Hkv, group * T, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1))
+        return self.out(y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.gated_mlp
+        self.act = ACTIVATIONS[cfg.activation]
+        # Gated: one matmul yields [gate | up] side by side along the features.
+        width = 2 * cfg.intermediate_size if cfg.gated_mlp else cfg.intermediate_size
+        self.up = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.parallel_residual = cfg.parallel_residual
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv=None, slots=None):
+        attn = self.attn(self.attn_norm(x), cos, sin, mask, kv, slots)
+        if self.parallel_residual:
+            return x + attn + self.mlp(self.mlp_norm(x))
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class KVCache:
+    """Static key/value buffers for batched decoding, allocated once and reused.
+
+    Columns ("slots") are shared by all rows: a left-padded batch fills column j of every row in
+    the same step, so a decode step writes one column and a CUDA graph can replay it with only the
+    slot index changing. `valid` marks the columns that hold real tokens; padding columns stay
+    False and are masked out of attention.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        if cfg.num_labels:
+            self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
+        elif not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, slots=None, logits_to_keep=0):
+        """Logits [B, T, vocab] (a reward model: [B, T, num_labels]).
+
+        input_ids [B, T]; attention_mask [B, T] with 0 at padding (None: no padding).
+        With a cache, the T tokens are written at cache columns `slots` (a LongTensor [T]) and
+        attend to every valid earlier column. logits_to_keep > 0 projects only the last positions
+        (the sampler needs one; the full [B, T, vocab] would dwarf the rest of a prefill).
+        """
+        B, T = input_ids.shape
+        if cache is not None:
+            new_valid = attention_mask.bool() if attention_mask is not None else True
+            cache.valid[:, slots] = new_valid
+            positions = cache.valid.cumsum(-1).index_select(1, slots) - 1
+            mask = self.attention_mask(cache.valid, slots)
+        elif attention_mask is not None:
+            positions = attention_mask.long().cumsum(-1) - 1
+            mask = self.attention_mask(attention_mask.bool(), torch.arange(T, device=input_ids.device))
+        else:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            mask = None
+        cos, sin = self.rope(positions.clamp(min=0))
+
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = layer(x, cos, sin, mask, kv, slots)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.head(self.norm(x))
+
+    def head(self, x):
+        if self.cfg.num_labels:
+            return self.score(x)
+        weight = self.embed.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return F.linear(x, weight)
+
+    def rope(self, positions):
+        """cos and sin [B, 1, T, rotary_dim] for integer positions [B, T]; computed in fp32."""
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        dtype = self.embed.weight.dtype
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    @staticmethod
+    def attention_mask(key_valid, query_slots):
+        """[B, 1, T, S]: query i (at column query_slots[i]) sees valid keys at columns <= its own.
+        A padding query sees only itself, so no row of the softmax is empty (which gives NaN);
+        its output is never used."""
+        key_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+        causal = key_slots[None, :] <= query_slots[:, None]
+        itself = key_slots[None, :] == query_slots[:, None]
+        return (key_valid[:, None, None, :] & causal) | itself
+
+
+def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A reward model's output [B, T, num_labels] read at each row's last real token -> [B, num_labels].
+    Taking the rightmost unmasked column works for left and right padding alike."""
+    columns = torch.arange(scores.shape[1], device=scores.device)
+    last = (columns * attention_mask).argmax(-1)
+    return scores[torch.arange(scores.shape[0], device=scores.device), last]

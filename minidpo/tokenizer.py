@@ -1,0 +1,177 @@
+"""A small tokenizer: `tokenizers.Tokenizer` plus special tokens and the chat template.
+
+It reads the files a Hugging Face model directory holds and gives the same ids and the same rendered chat as
+`transformers.AutoTokenizer` on that directory, without importing transformers.
+
+BOS/EOS: transformers 5 drops `add_bos_token` / `add_eos_token` from tokenizer_config.json whenever a tokenizer.json
+is present, and keeps the post-processor stored in tokenizer.json as it is (Llama included). So `encode` is the plain
+`tokenizers` encode and those two keys are deliberately not read.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _Backend
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_text(value) -> str | None:
+    # Configs store a special token either as a string or as a serialized AddedToken dict.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _pick_template(value) -> str | None:
+    # Some configs hold several named templates; the one named "default" is what transformers uses.
+    if isinstance(value, list):
+        return next((t["template"] for t in value if t.get("name") == "default"), None)
+    return value
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters (<, >, &, '), which would change what the model sees.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    # The same environment settings as transformers; with other whitespace rules the prompts would differ.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+class Tokenizer:
+    def __init__(self, backend: _Backend, special: dict[str, str | None], chat_template: str | None = None,
+                 extra_eos_ids: list[int] = ()):
+        # A tokenizer.json may be saved with padding or truncation switched on; transformers turns both off
+        # unless asked, so every plain encode here must too.
+        backend.no_padding()
+        backend.no_truncation()
+        self._tok = backend
+        self.bos_token = special.get("bos_token")
+        self.eos_token = special.get("eos_token")
+        self.pad_token = special.get("pad_token")
+        self.unk_token = special.get("unk_token")
+        self.chat_template = chat_template
+        self.bos_token_id = self._id(self.bos_token)
+        self.eos_token_id = self._id(self.eos_token)
+        self.pad_token_id = self._id(self.pad_token)
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id  # many chat models ship no pad token; masked out anyway
+        # Instruct models often end a turn with a token other than the tokenizer's eos (e.g. <|eot_id|>),
+        # listed only in generation_config.json; the sampler has to stop on any of them.
+        ids = [self.eos_token_id, *extra_eos_ids]
+        self.eos_token_ids = list(dict.fromkeys(i for i in ids if i is not None))
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        try:
+            backend = _Backend.from_file(str(tok_file))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise ValueError(f"could not parse {tok_file}: {e}") from e
+        config = _read_json(path / "tokenizer_config.json")
+        special_map = _read_json(path / "special_tokens_map.json")
+        special = {k: _token_text(config.get(k) or special_map.get(k)) for k in SPECIAL_TOKENS}
+        template_file = path / "chat_template.jinja"
+        if template_file.is_file():  # transformers 5 saves the template here, and it wins over the config's
+            template = template_file.read_text(encoding="utf-8")
+        else:
+            template = _pick_template(config.get("chat_template"))
+        eos = _read_json(path / "generation_config.json").get("eos_token_id")
+        extra_eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        return cls(backend, special, template, extra_eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, texts: list[str], padding_side: str = "left", add_special_tokens: bool = True,
+                 max_length: int | None = None, truncation_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if max_length is not None:
+            rows = [r[-max_length:] if truncation_side == "left" else r[:max_length] for r in rows]
+        width = max((len(r) for r in rows), default=0)
+        if self.pad_token_id is None and any(len(r) < width for r in rows):
+            raise ValueError("cannot pad: the tokenizer has neither a pad token nor an eos token")
+        ids, mask = [], []
+        for r in rows:
+            fill = width - len(r)
+            if padding_side == "left":
+                ids.append([self.pad_token_id] * fill + r)
+                mask.append([0] * fill + [1] * len(r))
+            else:
+                ids.append(r + [self.pad_token_id] * fill)
+                mask.append([1] * len(r) + [0] * fill)
+        shape = (len(rows), width)
+        return torch.tensor(ids, dtype=torch.long).view(shape), torch.tensor(mask, dtype=torch.long).view(shape)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
+                            **kwargs):
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template (no chat_template.jinja and none in "
+                             "tokenizer_config.json)")
+        # transformers drops None-valued keys (e.g. content=None from OpenAI-style messages): templates test
+        # for a missing key and would otherwise print "None".
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        # Absent special tokens stay undefined (render as ""), not None (renders "None"); tools and documents
+        # are passed as None because templates test `tools is not none`.
+        variables = {k: getattr(self, k) for k in SPECIAL_TOKENS if getattr(self, k) is not None}
+        variables.update({"tools": None, "documents": None, **kwargs})
+        text = _compile(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        if not tokenize:
+            return text
+        # The template writes BOS itself when the model wants one; encoding with specials would double it.
+        return self.encode(text, add_special_tokens=False)
+
+    def save(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(path / "tokenizer.json"))
+        config = {k: getattr(self, k) for k in SPECIAL_TOKENS if getattr(self, k) is not None}
+        # Without a class name AutoTokenizer may guess one from a config.json next to it (e.g. Qwen2Tokenizer),
+        # and those classes rebuild the pre-tokenizer instead of loading tokenizer.json as it is.
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                    encoding="utf-8")
+        if self.chat_template is not None:
+            (path / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
