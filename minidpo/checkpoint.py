@@ -44,7 +44,9 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    neox = family == "gpt_neox"  # its transformers-4 names and defaults: rotary_emb_base, rotary_pct 0.25
+    partial = rope.get("partial_rotary_factor",
+                       hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25 if neox else 1.0)))
     common = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -53,14 +55,14 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim,
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
         rotary_dim=int(head_dim * partial),
         rope_scaling={**scaling, "rope_type": rope_type} if rope_type != "default" else None,
-        activation=hf.get("hidden_act", "silu"),
+        activation=hf.get("hidden_act", "gelu" if neox else "silu"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         num_labels=num_labels(hf) if arch.endswith("ForSequenceClassification") else 0,
     )
-    if family == "gpt_neox":
+    if neox:
         bias = hf.get("attention_bias", True)
         return ModelConfig(
             **common, norm_eps=hf.get("layer_norm_eps", 1e-5), layer_norm=True, gated_mlp=False,
@@ -216,15 +218,20 @@ def load_model(name_or_path: str, dtype=None, device=None) -> Transformer:
         missing = [t for t in theirs if t not in where]
         if missing:
             raise ValueError(f"{path}: tensor {missing[0]} is missing from the safetensors files")
-        parts = [where[t].get_tensor(t).to(device=device, dtype=dtype) for t in theirs]
+        # Check each file tensor against its share of ours before fusing, so the error names the
+        # tensor that is wrong (and a mismatch is never a bare torch.cat error).
+        want = expected[ours].shape
+        rows = split_sizes(cfg, ours) if len(theirs) > 1 else [want[0]]
+        parts = []
+        for name, n in zip(theirs, rows):
+            shape = where[name].get_slice(name).get_shape()
+            if tuple(shape) != (n, *want[1:]):
+                raise ValueError(f"{path}: tensor {name} has shape {tuple(shape)}, which does not fit "
+                                 f"config.json (expected {(n, *want[1:])})")
+            parts.append(where[name].get_tensor(name).to(device=device, dtype=dtype))
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
         if is_neox_qkv(hf, ours):
             tensor = neox_qkv_to_ours(tensor, cfg.num_heads)
-        if tensor.shape != expected[ours].shape:
-            raise ValueError(
-                f"{path}: tensor {theirs[0]} has shape {tuple(parts[0].shape)}, "
-                f"which does not fit config.json (expected {tuple(expected[ours].shape)} for {ours})"
-            )
         state[ours] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = model.inv_freq.to(device=device)
