@@ -1,0 +1,142 @@
+"""Log-probabilities, the online DPO / IPO losses, the Bradley-Terry reward-model loss, and metrics.
+
+Row layout used throughout: a step has B prompts with two completions each; tensors over
+sequences hold the B chosen completions first, then the B rejected ones ([2B, ...]).
+
+Metrics come back as (sum, count) pairs, not means, so that ranks holding different numbers of
+valid pairs all-reduce into the right global mean; metric_means divides at the end.
+"""
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(target) = logit[target] - logsumexp(logits), computed a few rows at a time.
+
+    Autograd on a chunked `logits.float().logsumexp(-1)` would keep every chunk's fp32 copy for
+    the backward pass, i.e. the whole [N, C, V] in fp32 after all. Here forward keeps only the
+    logits themselves and the logsumexp [N, C]; backward rebuilds softmax one chunk at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows):
+        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        out = torch.empty_like(lse)
+        for i in range(0, len(logits), rows):
+            chunk = logits[i : i + rows].float()
+            lse[i : i + rows] = chunk.logsumexp(-1)
+            out[i : i + rows] = chunk.gather(-1, targets[i : i + rows, :, None]).squeeze(-1) - lse[i : i + rows]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        # d log p(t) / d logit_v = 1[v == t] - softmax(logits)_v
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for i in range(0, len(logits), ctx.rows):
+            g = grad[i : i + ctx.rows, :, None]
+            softmax = (logits[i : i + ctx.rows].float() - lse[i : i + ctx.rows, :, None]).exp()
+            grad_logits[i : i + ctx.rows] = (-g * softmax).scatter_add_(-1, targets[i : i + ctx.rows, :, None], g)
+        return grad_logits, None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """log p(targets) [N, C] in fp32 from logits [N, C, V] (any float dtype) and targets [N, C].
+
+    Rows are processed in chunks whose fp32 copy stays under chunk_bytes (at least one row), so
+    memory beyond the logits and their gradient is O(chunk * C * V). Targets must be valid token
+    ids everywhere (put the pad id, not -100, at padding; the caller masks those positions).
+    """
+    C, V = logits.shape[1:]
+    rows = max(1, chunk_bytes // (C * V * 4))
+    return _TokenLogprobs.apply(logits, targets, rows)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type="sigmoid",
+             valid=None) -> torch.Tensor:
+    """Mean online DPO loss over the valid pairs, from per-sequence log-prob sums [B].
+
+    valid [B] (bool) drops pairs the judge left undecided; with no valid pair the loss is a zero
+    that still backpropagates (zero gradients), so every rank runs the same backward.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    # logits = (log pi(c) - log pi(r)) - (log pi_ref(c) - log pi_ref(r))
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)  # DPO: -log sigma(beta * logits)
+    else:
+        losses = (logits - 1 / (2 * beta)) ** 2  # IPO: (logits - 1 / (2 beta))^2
+    if valid is None:
+        return losses.mean()
+    return torch.where(valid, losses, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def bradley_terry_loss(chosen_scores, rejected_scores):
+    """(loss, accuracy, margin) of a reward model on pairs [B]; loss = mean -log sigma(r_c - r_r)."""
+    margin = chosen_scores - rejected_scores
+    loss = -F.logsigmoid(margin).mean()
+    return loss, (margin > 0).float().mean().detach(), margin.mean().detach()
+
+
+def online_dpo_metrics(logps, ref_logps, completion_mask, contain_eos, beta: float, valid=None, scores=None):
+    """The reference's logged metrics as {name: (sum, count)} of 0-dim fp32 tensors.
+
+    logps, ref_logps [2B, C]: token log-probs under the policy and the reference (no grad needed);
+    completion_mask [2B, C]: 1 on completion tokens; contain_eos [2B] (bool); valid [B] (bool);
+    scores [2B]: reward-model scores (missing-EOS penalty included), when there is a reward model.
+    objective/* and val/* average over all 2B completions; rewards/* and logps/* over valid pairs.
+    """
+    logps, ref_logps = logps.detach().float(), ref_logps.detach().float()
+    mask = completion_mask.float()
+    B = len(logps) // 2
+    valid = torch.ones(B, dtype=torch.bool, device=logps.device) if valid is None else valid
+    n_valid = valid.sum().float()
+
+    def over_sequences(x):  # x [2B]
+        return x.sum(), torch.tensor(float(len(x)), device=x.device)
+
+    def over_pairs(x):  # x [B]
+        return torch.where(valid, x, 0.0).sum(), n_valid
+
+    # Unlike TRL, every per-sequence sum here runs over completion tokens only: TRL's KL and
+    # entropy also add up the log-probs at padding positions after EOS.
+    seq_logps = (logps * mask).sum(1)
+    kl = ((logps - ref_logps) * mask).sum(1)  # sum_t log pi - log pi_ref, the k1 estimate of KL
+    # TRL's sign, not its docs': non_score_reward = -beta * KL, so rlhf_reward = scores + non_score_reward.
+    non_score_reward = -beta * kl
+    # reward of the implicit reward model: beta * (log pi(y) - log pi_ref(y))
+    rewards = beta * (seq_logps - (ref_logps * mask).sum(1))
+    chosen, rejected = rewards[:B], rewards[B:]
+
+    metrics = {
+        "objective/kl": over_sequences(kl),
+        "objective/entropy": over_sequences(-seq_logps),  # -sum log pi of the sampled tokens
+        "objective/non_score_reward": over_sequences(non_score_reward),
+    }
+    if scores is not None:
+        scores = scores.detach().float()
+        metrics["objective/rlhf_reward"] = over_sequences(scores + non_score_reward)
+        metrics["objective/scores"] = over_sequences(scores)
+        metrics["objective/scores_margin"] = over_pairs(scores[:B] - scores[B:])
+    metrics |= {
+        "rewards/chosen": over_pairs(chosen),
+        "rewards/rejected": over_pairs(rejected),
+        "rewards/margins": over_pairs(chosen - rejected),
+        "rewards/accuracies": over_pairs((chosen > rejected).float()),
+        "logps/chosen": over_pairs(seq_logps[:B]),
+        "logps/rejected": over_pairs(seq_logps[B:]),
+        "val/contain_eos_token": over_sequences(contain_eos.float()),
+        "beta": (torch.tensor(beta, device=logps.device), torch.tensor(1.0, device=logps.device)),
+    }
+    return metrics
+
+
+def metric_means(metrics) -> dict[str, float]:
+    """{name: sum / count} as floats, after any cross-rank sum; metrics with count 0 are left out."""
+    return {name: (s / c).item() for name, (s, c) in metrics.items() if c > 0}

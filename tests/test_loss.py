@@ -1,0 +1,181 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidpo.loss import bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics, token_logprobs
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows_per_chunk", [1, 2, 5])  # 5 rows: 1 -> 5 chunks, 2 -> 2 + 2 + 1, 5 -> one chunk
+def test_token_logprobs_matches_log_softmax(dtype, rows_per_chunk):
+    torch.manual_seed(0)
+    N, C, V = 5, 3, 11
+    # a slice with a stride, as the trainer passes logits[:, :-1]
+    base = (3 * torch.randn(N, C + 1, V)).to(dtype).requires_grad_()
+    targets = torch.randint(V, (N, C))
+    weights = torch.randn(N, C)
+
+    got = token_logprobs(base[:, :-1], targets, chunk_bytes=rows_per_chunk * C * V * 4)
+    (got * weights).sum().backward()
+    got_grad, base.grad = base.grad, None
+
+    want = F.log_softmax(base[:, :-1].float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    (want * weights).sum().backward()
+
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, base.grad, rtol=1e-6, atol=1e-6)
+    assert got_grad[:, -1].abs().sum() == 0
+
+
+def test_token_logprobs_without_grad():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    with torch.no_grad():
+        got = token_logprobs(logits, torch.tensor([[1]]))
+    assert got.item() == pytest.approx(math.log(3 / 4))
+
+
+# Two pairs: per-sequence log-prob sums of the policy and the reference.
+PC, PR, RC, RR = [-1.0, -4.0], [-2.0, -1.0], [-1.5, -3.0], [-1.0, -2.0]
+# logits = (pc - pr) - (rc - rr): pair 0 -> 1 - (-0.5) = 1.5; pair 1 -> -3 - (-1) = -2
+LOGITS = [1.5, -2.0]
+
+
+def pairs(requires_grad=False):
+    return [torch.tensor(x, dtype=torch.float64, requires_grad=requires_grad) for x in (PC, PR, RC, RR)]
+
+
+def test_dpo_sigmoid_hand_values():
+    beta = 0.1
+    per_pair = [-math.log(sigmoid(beta * z)) for z in LOGITS]
+    assert dpo_loss(*pairs(), beta).item() == pytest.approx(sum(per_pair) / 2)
+    assert dpo_loss(*pairs(), beta, "sigmoid", valid=torch.tensor([False, True])).item() == pytest.approx(per_pair[1])
+
+
+def test_ipo_hand_values():
+    beta = 0.25  # 1 / (2 beta) = 2
+    per_pair = [(1.5 - 2) ** 2, (-2.0 - 2) ** 2]  # 0.25, 16
+    assert dpo_loss(*pairs(), beta, "ipo").item() == pytest.approx(8.125)
+    assert dpo_loss(*pairs(), beta, "ipo", valid=torch.tensor([True, False])).item() == pytest.approx(per_pair[0])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_no_valid_pair_gives_zero_loss_with_zero_grad(loss_type):
+    pc, pr, rc, rr = pairs(requires_grad=True)
+    loss = dpo_loss(pc, pr, rc, rr, 0.1, loss_type, valid=torch.tensor([False, False]))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(pc.grad, torch.zeros(2, dtype=torch.float64))
+
+
+def test_unknown_loss_type():
+    with pytest.raises(ValueError, match="sigmoid, ipo.*'hinge'"):
+        dpo_loss(*pairs(), 0.1, "hinge")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_gradcheck(loss_type):
+    pc, pr, rc, rr = pairs(requires_grad=True)
+    valid = torch.tensor([True, False])
+    assert torch.autograd.gradcheck(lambda c, r: dpo_loss(c, r, rc.detach(), rr.detach(), 0.3, loss_type), (pc, pr))
+    assert torch.autograd.gradcheck(lambda c, r: dpo_loss(c, r, rc.detach(), rr.detach(), 0.3, loss_type, valid), (pc, pr))
+
+
+def test_bradley_terry_hand_values():
+    loss, accuracy, margin = bradley_terry_loss(torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.5, 1.0]))
+    # margins 1, -0.5, 0
+    want = -(math.log(sigmoid(1.0)) + math.log(sigmoid(-0.5)) + math.log(0.5)) / 3
+    assert loss.item() == pytest.approx(want)
+    assert accuracy.item() == pytest.approx(1 / 3)
+    assert margin.item() == pytest.approx(0.5 / 3)
+
+
+# B = 2 pairs: rows 0, 1 chosen, rows 2, 3 rejected; C = 3 with padding after the completion.
+MASK = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
+LOGPS = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -9.0, -9.0], [-0.5, -0.5, -7.0], [-2.0, -1.0, -1.0]])
+REF = torch.tensor([[-1.5, -1.0, -1.0], [-2.0, -1.0, -1.0], [0.0, 0.0, -1.0], [-1.0, -1.0, -1.0]])
+EOS = torch.tensor([True, True, False, True])
+SCORES = torch.tensor([2.0, 1.0, 0.5, 1.5])
+
+
+def test_metrics_hand_values_ignore_padding():
+    beta = 0.5
+    # masked sums per sequence          policy   reference   kl = policy - reference
+    #   row 0: -1 - 2 - 0.5             -3.5     -3.5         0
+    #   row 1: -3 (padding: -9, -9)     -3       -2          -1
+    #   row 2: -0.5 - 0.5 (padding: -7) -1        0          -1
+    #   row 3: -2 - 1 - 1               -4       -3          -1
+    # non_score_reward -beta * kl: [0, 0.5, 0.5, 0.5]
+    # implicit rewards beta * kl: chosen [0, -0.5], rejected [-0.5, -0.5]; margins [0.5, 0]
+    means = metric_means(online_dpo_metrics(LOGPS, REF, MASK, EOS, beta, scores=SCORES))
+    want = {
+        "objective/kl": -0.75,  # with padding, row 1 would add -16 and row 2 -6
+        "objective/entropy": (3.5 + 3 + 1 + 4) / 4,  # with padding, rows 1 and 2 would add 18 and 7
+        "objective/non_score_reward": 0.375,
+        "objective/rlhf_reward": (2 + 1.5 + 1 + 2) / 4,  # scores + non_score_reward
+        "objective/scores": 5 / 4,
+        "objective/scores_margin": ((2 - 0.5) + (1 - 1.5)) / 2,
+        "rewards/chosen": -0.25,
+        "rewards/rejected": -0.5,
+        "rewards/margins": 0.25,
+        "rewards/accuracies": 0.5,  # a margin of exactly 0 is not a win
+        "logps/chosen": (-3.5 - 3) / 2,
+        "logps/rejected": (-1 - 4) / 2,
+        "val/contain_eos_token": 0.75,
+        "beta": 0.5,
+    }
+    assert means.keys() == want.keys()
+    for name, value in want.items():
+        assert means[name] == pytest.approx(value), name
+
+
+def test_metrics_over_valid_pairs():
+    means = metric_means(online_dpo_metrics(LOGPS, REF, MASK, EOS, 2.0, valid=torch.tensor([False, True])))
+    assert "objective/scores" not in means and "objective/rlhf_reward" not in means  # no reward model
+    assert means["objective/entropy"] == pytest.approx(11.5 / 4)  # all four completions, valid or not
+    assert means["objective/non_score_reward"] == pytest.approx(-2.0 * -0.75)
+    assert means["rewards/chosen"] == pytest.approx(2.0 * -1)  # pair 1 only
+    assert means["rewards/rejected"] == pytest.approx(2.0 * -1)
+    assert means["rewards/accuracies"] == 0.0
+    assert means["logps/chosen"] == pytest.approx(-3.0)
+    assert means["beta"] == 2.0
+    with_scores = online_dpo_metrics(LOGPS, REF, MASK, EOS, 2.0, valid=torch.tensor([False, True]), scores=SCORES)
+    assert metric_means(with_scores)["objective/scores_margin"] == pytest.approx(1 - 1.5)
+    assert metric_means(with_scores)["objective/scores"] == pytest.approx(5 / 4)  # all four completions
+
+    none_valid = metric_means(online_dpo_metrics(LOGPS, REF, MASK, EOS, 2.0, valid=torch.tensor([False, False])))
+    assert "rewards/chosen" not in none_valid and "logps/rejected" not in none_valid
+    assert none_valid["objective/kl"] == pytest.approx(-0.75)
+
+
+def test_metrics_reduce_across_ranks():
+    torch.manual_seed(0)
+    beta = 0.1
+    rank_sizes, rank_valid = [3, 1], [torch.tensor([True, False, True]), torch.tensor([True])]
+    ranks = []
+    for B, valid in zip(rank_sizes, rank_valid):
+        mask = (torch.rand(2 * B, 4) < 0.7).long()
+        ranks.append((-torch.rand(2 * B, 4) * 3, -torch.rand(2 * B, 4) * 3, mask, torch.rand(2 * B) < 0.5, valid,
+                      torch.randn(2 * B)))
+    per_rank = [online_dpo_metrics(lp, ref, m, eos, beta, valid=v, scores=s) for lp, ref, m, eos, v, s in ranks]
+    summed = {name: (sum(r[name][0] for r in per_rank), sum(r[name][1] for r in per_rank)) for name in per_rank[0]}
+
+    def chosen_then_rejected(i):  # concatenate the ranks' chosen rows, then their rejected rows
+        parts = [r[i] for r in ranks]
+        return torch.cat([p[: len(p) // 2] for p in parts] + [p[len(p) // 2 :] for p in parts])
+
+    lp, ref, m, eos, s = (chosen_then_rejected(i) for i in (0, 1, 2, 3, 5))
+    whole = metric_means(online_dpo_metrics(lp, ref, m, eos, beta, valid=torch.cat(rank_valid), scores=s))
+    reduced = metric_means(summed)
+    assert reduced.keys() == whole.keys()
+    for name in whole:
+        assert reduced[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-6), name
+    # a mean of per-rank means would be wrong here: rank 0 has 2 valid pairs, rank 1 has 1
+    naive = sum(metric_means(r)["logps/chosen"] for r in per_rank) / 2
+    assert naive != pytest.approx(whole["logps/chosen"])
