@@ -1,0 +1,177 @@
+"""Training data: prompt-only rows for online DPO, preference rows for reward models, and the batches
+each process takes from them under torchrun.
+
+A dataset is a local .jsonl / .json / .parquet file, a directory in the Hub's dataset layout
+(`data/train-00000-of-00001.parquet`, `train.jsonl`, ...), or a Hub dataset repo id, of which only the
+requested split's files are downloaded. A row's prompt is either standard (a string) or
+conversational (a list of {"role", "content"} messages); other columns are ignored. Bad input gets a
+one-line error naming the file, the row (or JSONL line) and the column.
+"""
+
+import json
+import random
+from pathlib import Path
+
+EXTENSIONS = (".jsonl", ".json", ".parquet")
+
+
+def load_prompts(name_or_path: str, split: str = "train", config: str | None = None) -> list[str | list[dict]]:
+    """The `prompt` column of a split: strings, or message lists to render with a chat template."""
+    prompts = [_text(row, "prompt", where) for path in data_files(name_or_path, split, config)
+               for where, row in read_rows(path)]
+    if not prompts:
+        raise ValueError(f"{name_or_path}: split {split!r} has no rows")
+    return prompts
+
+
+def load_preferences(name_or_path: str, split: str = "train", config: str | None = None) -> list[dict]:
+    """Rows {"prompt", "chosen", "rejected"}, chosen and rejected holding the completions alone.
+
+    Conversational datasets often store the whole conversation in chosen and rejected. Without a
+    prompt column, the messages both start with are the prompt (an "implicit prompt"); with one, a
+    copy of the prompt at their start is cut off. Standard (string) rows need a prompt column.
+    """
+    rows = []
+    for path in data_files(name_or_path, split, config):
+        for where, row in read_rows(path):
+            chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+            if "prompt" in row:
+                prompt = _text(row, "prompt", where)
+                n = len(prompt)
+                if isinstance(prompt, list) and chosen[:n] == prompt == rejected[:n]:
+                    chosen, rejected = chosen[n:], rejected[n:]
+            elif isinstance(chosen, list) and isinstance(rejected, list):
+                n = 0
+                while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+                    n += 1
+                prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+                if not prompt:
+                    raise ValueError(f"{where}: no 'prompt' column, and 'chosen' and 'rejected' share no first message")
+            else:
+                raise ValueError(f"{where}: no 'prompt' column (an implicit prompt needs message lists)")
+            if len({type(prompt), type(chosen), type(rejected)}) > 1:
+                raise ValueError(f"{where}: 'prompt', 'chosen' and 'rejected' must be all strings or all message lists")
+            for column, value in (("chosen", chosen), ("rejected", rejected)):
+                if not value:
+                    raise ValueError(f"{where}: column {column!r} has nothing after the prompt")
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if not rows:
+        raise ValueError(f"{name_or_path}: split {split!r} has no rows")
+    return rows
+
+
+def _text(row: dict, column: str, where: str) -> str | list[dict]:
+    """A column's value if it is a non-empty string or list of role/content messages."""
+    if column not in row:
+        raise ValueError(f"{where}: no {column!r} column (columns: {', '.join(row) or 'none'})")
+    value = row[column]
+    if isinstance(value, list):
+        for i, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ValueError(f"{where}: column {column!r}: message {i} needs string 'role' and 'content'")
+    elif not isinstance(value, str):
+        raise ValueError(f"{where}: column {column!r} must be a string or a list of role/content messages, "
+                         f"got {type(value).__name__}")
+    if not (value.strip() if isinstance(value, str) else value):
+        raise ValueError(f"{where}: column {column!r} is empty")
+    return value
+
+
+def data_files(name_or_path: str, split: str = "train", config: str | None = None) -> list[Path]:
+    """The files holding `split`: the file itself, or those of a dataset directory or Hub repo.
+
+    In a directory, a file belongs to the split its name starts with (train-00000-of-00001.parquet,
+    train.jsonl) or, in the Hub's parquet-conversion layout (train/0000.parquet), to its folder's.
+    `config` names a subdirectory, as in multi-configuration repos.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        # Anything that cannot be an "owner/name" repo id was meant as a local path.
+        if name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(EXTENSIONS) or name_or_path.count("/") > 1:
+            raise FileNotFoundError(f"{name_or_path}: no such file or directory")
+        path = _download(name_or_path, split, config)
+    root = path / config if config else path
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name_or_path}: no configuration {config!r} (expected a subdirectory {root})")
+    splits = {}
+    for file in sorted(root.rglob("*")):
+        if file.suffix in EXTENSIONS and file.is_file() and not any(p.startswith(".") for p in file.parts):
+            name = file.stem.split("-")[0]
+            splits.setdefault(file.parent.name if name.isdigit() else name, []).append(file)
+    if split not in splits:
+        raise ValueError(f"{name_or_path}: no split {split!r}; available: {', '.join(sorted(splits)) or 'none'}")
+    return splits[split]
+
+
+def _download(repo_id: str, split: str, config: str | None) -> Path:
+    """Fetch one split of a Hub dataset repo (or find it in the HF cache; HF_HUB_OFFLINE=1 is honoured)."""
+    from huggingface_hub import snapshot_download
+
+    # The file names data_files() recognises, at the top or in any folder (fnmatch's * crosses "/").
+    prefix = f"{config}/" if config else ""
+    globs = [split, f"{split}-*", f"{split}/*", f"*/{split}", f"*/{split}-*", f"*/{split}/*"]
+    patterns = [prefix + glob + ext for glob in globs for ext in EXTENSIONS]
+    try:
+        return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns))
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"could not get dataset {repo_id!r} from the Hugging Face Hub or its cache: {first_line}") from None
+
+
+def read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs of a file; `where` names the file and the row, or the line in JSON Lines."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"reading {path} needs pyarrow: pip install 'minidpo[parquet]'") from None
+        rows = [(f"{path}, row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    elif path.suffix in (".json", ".jsonl"):
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            rows = [(f"{path}, row {i}", row) for i, row in enumerate(_json(text, path, 0))]
+        else:  # JSON Lines; the datasets library reads them from .json files too, and Hub repos rely on it
+            # split("\n"), not splitlines(): JSON strings may hold U+2028, which splitlines() breaks on.
+            rows = [(f"{path}, line {n}", _json(line, path, n))
+                    for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    else:
+        raise ValueError(f"{path}: unsupported file type; use {', '.join(EXTENSIONS)}")
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object of columns, got {type(row).__name__}")
+    return rows
+
+
+def _json(text: str, path: Path, line: int):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {line or e.lineno}: malformed JSON: {e.msg}") from None
+
+
+class PromptSampler:
+    """One process's batches of each epoch, resumable at any (epoch, batch index).
+
+    Every epoch shuffles the whole dataset with a generator seeded by (seed, epoch), so all ranks
+    agree on the order without talking. Rank r takes positions r, r + world_size, ...; the tail that
+    would leave ranks with unequal shares is dropped, and so is a last partial batch: a rank that ran
+    one step more than the others would hang in a collective, and equal batches keep shapes static.
+    """
+
+    def __init__(self, items: list, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 42):
+        self.items, self.batch_size, self.rank, self.world_size, self.seed = items, batch_size, rank, world_size, seed
+        self.batches_per_epoch = len(items) // world_size // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(items)} rows are too few for {world_size} process(es) x batch size {batch_size}")
+
+    def batches(self, epoch: int, start: int = 0):
+        """Yield this rank's batches (lists of batch_size items) of `epoch`, from batch index `start` on."""
+        order = list(range(len(self.items)))
+        # A string seed is hashed with SHA-512, so every process derives the same generator from (seed, epoch).
+        random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        mine = order[self.rank::self.world_size]
+        for b in range(start, self.batches_per_epoch):
+            yield [self.items[i] for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
