@@ -1,0 +1,369 @@
+"""Preference feedback for online DPO: which of two sampled completions is better.
+
+Two kinds of feedback, as in the reference trainer:
+- A pairwise judge reads a prompt and both completions and names the better one: 0 or 1, or -1 when
+  undecided. Rule judges need nothing external; LLMJudge asks a local instruct model (the paper's
+  "LLM annotator"); OpenAIJudge asks a chat-completions endpoint.
+- Pointwise scores rate each completion alone: RewardModel or RewardFunctions. The trainer subtracts
+  missing_eos_penalty from the scores of completions that never ended and picks the higher of each pair.
+
+Undecided and failed judgments: a judge returns -1 for a pair it cannot decide (a tie, an
+unreadable answer, a request that failed after every retry). The trainer drops those pairs from the
+loss and counts them in a metric, so one bad judgment never stops a run. Only when every pair of a
+call fails does OpenAIJudge raise JudgeError: an endpoint that is down should end the run early
+rather than let it train on nothing.
+
+Judges read prompts as plain text. A conversational prompt (a list of {"role", "content"}
+messages) is rendered by prompt_text(); only the reward model re-renders it with its own chat
+template, because that is the text it was trained to score.
+"""
+
+import concurrent.futures
+import http.client
+import importlib
+import importlib.util
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+from .model import last_token_scores
+
+DEFAULT_INSTRUCTION = "Which response answers the question better: more helpful, correct and concise?"
+
+
+class JudgeError(RuntimeError):
+    """A judge could not judge any pair of a call."""
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as plain text: a string as it is, a conversation as "Role: content" paragraphs."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
+
+
+def shuffle_pairs(pairs, rng: random.Random):
+    """Each pair in a random order, and which ones were swapped. Model judges tend to prefer one
+    position (often the first); showing the pairs in random order turns that bias into noise
+    instead of a systematic preference for completion 0."""
+    swapped = [rng.random() < 0.5 for _ in pairs]
+    return [(b, a) if s else (a, b) for (a, b), s in zip(pairs, swapped)], swapped
+
+
+def unshuffle(verdicts, swapped) -> list[int]:
+    """Verdicts about shuffled pairs, mapped back to the original order (-1 stays -1)."""
+    return [1 - v if s and v != -1 else v for v, s in zip(verdicts, swapped)]
+
+
+def comparison(prompt, first: str, second: str, instruction: str, labels: tuple[str, str]) -> str:
+    """The question a model judge answers about one pair, its responses named by the two labels.
+    The instruction comes last, right before the answer: small judges follow it more when it is
+    the last thing they read (measured on SmolLM2-135M; see tests/test_judges.py)."""
+    return (f"## Question\n{prompt_text(prompt)}\n\n## Response {labels[0]}\n{first}\n\n"
+            f"## Response {labels[1]}\n{second}\n\n{instruction} Reply with {labels[0]} or {labels[1]} only.")
+
+
+class PairwiseJudge:
+    """judge() returns, for each prompt, the index (0 or 1) of the better completion of its pair,
+    or -1 when undecided. shuffle_order asks judges that see both completions at once to present
+    each pair in a random order (see shuffle_pairs); judges without a position bias ignore it."""
+
+    def judge(self, prompts: list, completion_pairs: list[tuple[str, str]], shuffle_order: bool = True) -> list[int]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule judges: for demos and tests. Each scores a completion's text; the higher score wins.
+
+
+class RuleJudge(PairwiseJudge):
+    def score(self, completion: str):
+        raise NotImplementedError
+
+    def judge(self, prompts, completion_pairs, shuffle_order=True):
+        scores = [(self.score(a), self.score(b)) for a, b in completion_pairs]
+        return [0 if a > b else 1 if b > a else -1 for a, b in scores]
+
+
+class ShorterJudge(RuleJudge):
+    """Prefers the completion with fewer characters; -1 when both are as long. A completion cut off
+    at max_new_tokens (no EOS) is usually the longer one, so this also favours finished answers."""
+
+    def score(self, completion):
+        return -len(completion)
+
+
+class KeywordJudge(RuleJudge):
+    """Prefers the completion that contains `keyword` (case-insensitive); -1 when both or neither do."""
+
+    def __init__(self, keyword: str = "please"):
+        self.keyword = keyword.lower()
+
+    def score(self, completion):
+        return self.keyword in completion.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pointwise scores: a tensor [N] for N (prompt, completion) rows.
+
+
+def render_completion(tokenizer, prompt, completion: str) -> str:
+    """Prompt + completion as one text for a model that reads them together (a reward model): a
+    conversation through the tokenizer's chat template, the completion as the assistant's turn;
+    a plain prompt followed by the completion text. Encode a conversation without special tokens
+    (the template writes BOS itself) and a plain text with them."""
+    if isinstance(prompt, str):
+        return prompt + completion
+    return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}])
+
+
+class RewardModel:
+    """A sequence-classification model (num_labels=1) and its own tokenizer, scoring completions.
+
+    Each prompt + completion is re-rendered with the reward model's own tokenizer, as its training
+    data looked (render_completion). Rows are padded on `padding_side` (the score is
+    read at each row's last real token, so either side works) and, with max_length, truncated from
+    the left so that the end of the completion is always scored.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
+                 padding_side: str = "right"):
+        if model.cfg.num_labels != 1:
+            raise ValueError(f"a reward model needs num_labels=1; this one has {model.cfg.num_labels}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.max_length, self.padding_side = batch_size, max_length, padding_side
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, device=None, **options) -> "RewardModel":
+        from . import load_pretrained
+
+        model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+        return cls(model, tokenizer, **options)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        add_special = isinstance(prompts[0], str)  # see render_completion
+        texts = [render_completion(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            ids, mask = self.tokenizer(texts[start:start + self.batch_size], padding_side=self.padding_side,
+                                       add_special_tokens=add_special, max_length=self.max_length)
+            ids, mask = ids.to(device), mask.to(device)
+            scores.append(last_token_scores(self.model(ids, mask), mask)[:, 0].float())
+        return torch.cat(scores)
+
+
+class RewardModelJudge(PairwiseJudge):
+    """A reward model as a pairwise judge: the completion with the higher score wins, -1 on a tie.
+    Each completion is scored alone, so there is no position bias and shuffle_order is ignored."""
+
+    def __init__(self, reward_model: RewardModel):
+        self.reward_model = reward_model
+
+    def judge(self, prompts, completion_pairs, shuffle_order=True):
+        flat = [c for pair in completion_pairs for c in pair]
+        scores = self.reward_model([p for p in prompts for _ in range(2)], flat).view(-1, 2)
+        return [-1 if a == b else int(b > a) for a, b in scores.tolist()]
+
+
+class RewardFunctions:
+    """Reward functions combined into one score per completion, like TRL's `reward_funcs`.
+
+    A reward function is a callable (prompts, completions, **kwargs) -> list[float]; the extra
+    keyword arguments (e.g. dataset columns) are passed through. A value of None means "no opinion
+    on this completion" and is left out of its weighted sum, as in TRL.
+    """
+
+    def __init__(self, funcs: list, weights: list[float] | None = None):
+        if weights is not None and len(weights) != len(funcs):
+            raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
+        self.funcs, self.weights = list(funcs), list(weights or [1.0] * len(funcs))
+
+    def __call__(self, prompts: list, completions: list[str], **kwargs) -> torch.Tensor:
+        total = torch.zeros(len(completions))
+        for func, weight in zip(self.funcs, self.weights):
+            values = func(prompts=prompts, completions=completions, **kwargs)
+            if len(values) != len(completions):
+                raise ValueError(f"reward function {getattr(func, '__name__', func)} returned {len(values)} "
+                                 f"values for {len(completions)} completions")
+            total += weight * torch.tensor([0.0 if v is None else float(v) for v in values])
+        return total
+
+
+def load_reward_function(spec: str):
+    """The callable named by "module:attr" or "path/to/file.py:attr" (for a command-line flag)."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward function {spec!r} should look like 'module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise FileNotFoundError(f"reward function {spec!r}: no file {module_name}")
+        loader = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise ValueError(f"reward function {spec!r}: {module_name} has no callable named {attr!r}")
+    return func
+
+
+# ---------------------------------------------------------------------------------------------
+# Model judges: the paper's LLM annotator, local or behind an API.
+
+
+class LLMJudge(PairwiseJudge):
+    """A local instruct model judging pairs from the next-token log-probs of two labels.
+
+    The comparison (question, both responses, instruction) is rendered through the model's chat
+    template with the generation prompt, and one forward pass reads the log-probs of the two labels
+    as the first token of the answer: no sampling, so a verdict is deterministic for a given order.
+    Changing `instruction` changes what "better" means (the paper's controllable feedback). A pair is
+    undecided (-1) when the two log-probs are within `margin`.
+    """
+
+    def __init__(self, model, tokenizer, instruction: str = DEFAULT_INSTRUCTION, labels=("A", "B"),
+                 margin: float = 0.01, batch_size: int = 8, seed: int = 0):
+        self.label_ids = []
+        for label in labels:
+            ids = tokenizer.encode(label, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"LLMJudge label {label!r} is {len(ids)} tokens in this tokenizer; "
+                                 "it must be exactly one (try 'A'/'B' or '0'/'1')")
+            self.label_ids.append(ids[0])
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.instruction, self.labels, self.margin, self.batch_size = instruction, labels, margin, batch_size
+        self.rng = random.Random(seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str = "offline:SmolLM2-135M-Instruct", dtype=None, device=None,
+                        **options) -> "LLMJudge":
+        from . import load_pretrained
+
+        model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+        return cls(model, tokenizer, **options)
+
+    @torch.inference_mode()
+    def label_logprobs(self, prompts, completion_pairs) -> torch.Tensor:
+        """[N, 2]: log-probs of the two labels as the answer's first token, pairs in the order given."""
+        texts = [self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": comparison(p, a, b, self.instruction, self.labels)}],
+            add_generation_prompt=True) for p, (a, b) in zip(prompts, completion_pairs)]
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            # Left padding puts every row's last token in the last column, the one logits_to_keep=1 keeps.
+            ids, mask = self.tokenizer(texts[start:start + self.batch_size], padding_side="left",
+                                       add_special_tokens=False)
+            logits = self.model(ids.to(device), mask.to(device), logits_to_keep=1)[:, -1].float()
+            out.append(logits.log_softmax(-1)[:, self.label_ids])
+        return torch.cat(out).cpu()
+
+    def judge(self, prompts, completion_pairs, shuffle_order=True):
+        swapped = [False] * len(completion_pairs)
+        if shuffle_order:
+            completion_pairs, swapped = shuffle_pairs(completion_pairs, self.rng)
+        logprobs = self.label_logprobs(prompts, completion_pairs)
+        gap = (logprobs[:, 1] - logprobs[:, 0]).tolist()
+        verdicts = [-1 if abs(g) <= self.margin else int(g > 0) for g in gap]
+        return unshuffle(verdicts, swapped)
+
+
+class OpenAIJudge(PairwiseJudge):
+    """An OpenAI-compatible chat-completions endpoint as the judge, over plain urllib.
+
+    Each pair is one request, answered with "0" or "1"; any other reply is undecided (-1). A request
+    is retried with exponential backoff and jitter on HTTP 429/5xx, timeouts and connection errors;
+    a pair that still fails is -1 and counted in `self.failures` (over the judge's lifetime). If
+    every pair of a call fails, judge() raises JudgeError naming the endpoint and the last error.
+    Requests run `max_workers` at a time.
+    """
+
+    def __init__(self, model: str = "gpt-4o-mini", base_url: str | None = None,
+                 api_key_env: str = "OPENAI_API_KEY", instruction: str = DEFAULT_INSTRUCTION,
+                 timeout: float = 30.0, max_retries: int = 4, backoff: float = 1.0, max_workers: int = 8,
+                 seed: int = 0):
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env, self.instruction = model, api_key_env, instruction
+        self.timeout, self.max_retries, self.backoff, self.max_workers = timeout, max_retries, backoff, max_workers
+        self.rng = random.Random(seed)
+        self.failures = 0
+
+    def request(self, content: str) -> str:
+        """The model's reply to one user message; raises the last error once retries are spent."""
+        payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                   "max_tokens": 1, "temperature": 0}  # the answer is one token: "0" or "1"
+        headers = {"Content-Type": "application/json"}
+        # Read at each request, not at init: a key exported later, or none for a local server.
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url, json.dumps(payload).encode(), headers, method="POST")
+        for attempt in range(self.max_retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    body = response.read()
+                break
+            except urllib.error.HTTPError as e:
+                # Other 4xx (bad key, bad request, unknown model) will not get better by asking again.
+                if e.code != 429 and e.code < 500 or attempt == self.max_retries:
+                    hint = f" (is ${self.api_key_env} set?)" if e.code == 401 and not key else ""
+                    raise RuntimeError(f"HTTP {e.code} {e.reason}{hint}") from None
+            except (OSError, http.client.HTTPException) as e:  # timeouts, refused or dropped connections
+                if attempt == self.max_retries:
+                    raise RuntimeError(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+            time.sleep(self.backoff * 2 ** attempt * (1 + random.random()))
+        try:
+            return json.loads(body)["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RuntimeError(f"not a chat-completions reply: {body[:100]!r}") from None
+
+    def judge(self, prompts, completion_pairs, shuffle_order=True):
+        swapped = [False] * len(completion_pairs)
+        if shuffle_order:
+            completion_pairs, swapped = shuffle_pairs(completion_pairs, self.rng)
+        contents = [comparison(p, a, b, self.instruction, ("0", "1")) for p, (a, b) in zip(prompts, completion_pairs)]
+
+        def ask(content):
+            try:
+                return self.request(content), None
+            except RuntimeError as e:
+                return None, e
+
+        with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
+            results = list(pool.map(ask, contents))
+        errors = [e for _, e in results if e is not None]
+        self.failures += len(errors)
+        if errors and len(errors) == len(results):
+            raise JudgeError(f"judge endpoint {self.url} failed on all {len(results)} pairs; last error: {errors[-1]}")
+        verdicts = [{"0": 0, "1": 1}.get(reply.strip(), -1) if reply is not None else -1 for reply, _ in results]
+        return unshuffle(verdicts, swapped)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py --judge NAME
+
+JUDGES = {
+    "shorter": ShorterJudge,
+    "keyword": KeywordJudge,
+    "llm": LLMJudge.from_pretrained,
+    "openai": OpenAIJudge,
+}
+
+
+def make_judge(name: str, **options) -> PairwiseJudge:
+    """The judge registered under `name`, built with `options` (e.g. make_judge("openai", model=...))."""
+    if name == "pair_rm":
+        raise ValueError(f"--judge pair_rm (llm-blender's PairRM ranker) is not supported by minidpo; "
+                         f"available judges: {', '.join(JUDGES)}, or use --reward_model_path")
+    if name not in JUDGES:
+        raise ValueError(f"unknown judge {name!r}; available judges: {', '.join(JUDGES)}")
+    return JUDGES[name](**options)
