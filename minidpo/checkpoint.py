@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model import ModelConfig, Transformer
+from .model import ModelConfig, Transformer, rope_inv_freq
 
 FAMILIES = {
     "LlamaForCausalLM": "llama",
@@ -194,11 +194,28 @@ def resolve(name_or_path: str) -> Path:
         ) from None
 
 
-def load_model(name_or_path: str, dtype=None, device=None) -> Transformer:
+def as_classifier(hf: dict, num_labels: int) -> dict:
+    """The config of a *ForSequenceClassification model with the same body as a *ForCausalLM one."""
+    arch = hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")
+    eos = hf.get("eos_token_id")
+    labels = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    return {**hf, "architectures": [arch], "num_labels": num_labels, "id2label": labels,
+            "label2id": {v: int(k) for k, v in labels.items()},
+            # transformers finds each row's last token through pad_token_id, so it must be set.
+            "pad_token_id": hf.get("pad_token_id", eos[0] if isinstance(eos, list) else eos)}
+
+
+def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | None = None) -> Transformer:
     """Build the model on the meta device, then fill it tensor by tensor from the safetensors files,
-    converted to `dtype` (default float32) on `device`: peak memory stays about one copy."""
+    converted to `dtype` (default float32) on `device`: peak memory stays about one copy.
+
+    num_labels turns a causal LM into a reward model: the same body and a new `score` head
+    (initialised as transformers does, normal with std 0.02), for Bradley-Terry training."""
     path = resolve(name_or_path)
     hf = read_json(path / "config.json")
+    new_head = num_labels is not None and hf.get("architectures", [""])[0].endswith("ForCausalLM")
+    if new_head:
+        hf = as_classifier(hf, num_labels)
     cfg = model_config_from_hf(hf)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
     with torch.device("meta"):
@@ -214,6 +231,9 @@ def load_model(name_or_path: str, dtype=None, device=None) -> Transformer:
         raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
     where = {name: h for h in handles.values() for name in h.keys()}
     state = {}
+    if new_head:
+        del plan["score.weight"]
+        state["score.weight"] = torch.randn(expected["score.weight"].shape, dtype=dtype, device=device) * 0.02
     for ours, theirs in plan.items():
         missing = [t for t in theirs if t not in where]
         if missing:
@@ -234,15 +254,13 @@ def load_model(name_or_path: str, dtype=None, device=None) -> Transformer:
             tensor = neox_qkv_to_ours(tensor, cfg.num_heads)
         state[ours] = tensor
     model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = model.inv_freq.to(device=device)
+    model.inv_freq = rope_inv_freq(cfg).to(device=device)  # a buffer, not in the files: still on meta
     model.cfg.hf_config = hf
     return model
 
 
-def hf_state_dict(model: Transformer, hf: dict) -> dict[str, torch.Tensor]:
-    """The model's weights under HF names, fused tensors split back."""
-    cfg = model.cfg
-    state = model.state_dict()
+def hf_state_dict(state: dict, cfg: ModelConfig, hf: dict) -> dict[str, torch.Tensor]:
+    """A minidpo state dict under HF names, fused tensors split back."""
     out = {}
     for ours, theirs in tensor_plan(hf, cfg).items():
         tensor = state[ours]
@@ -268,30 +286,33 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     Everything goes into a temporary sibling directory that is renamed into place when complete:
     a crash leaves the previous checkpoint (if any) intact and never a half-written one."""
     out_dir = Path(out_dir)
-    hf = dict(model.cfg.hf_config)
-    tensors = hf_state_dict(model, hf)
-    dtype = next(iter(tensors.values())).dtype
-    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-    hf["dtype"] = dtype_name
-    if "torch_dtype" in hf:
-        hf["torch_dtype"] = dtype_name
-    hf["tie_word_embeddings"] = model.cfg.tie_word_embeddings
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        write_shards(tensors, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-            generation = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                          "eos_token_id": tokenizer.eos_token_ids}
-            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_pretrained(model.state_dict(), model.cfg, tmp, tokenizer, max_shard_bytes)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30):
+    """The HF files of a (full, unsharded) state dict into an existing directory; not atomic by itself."""
+    hf = dict(cfg.hf_config)
+    tensors = hf_state_dict(state, cfg, hf)
+    dtype_name = {v: k for k, v in DTYPES.items()}[next(iter(tensors.values())).dtype]
+    hf["dtype"] = dtype_name
+    if "torch_dtype" in hf:
+        hf["torch_dtype"] = dtype_name
+    hf["tie_word_embeddings"] = cfg.tie_word_embeddings
+    write_shards(tensors, out_dir, max_shard_bytes)
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+        generation = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                      "eos_token_id": tokenizer.eos_token_ids}
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):

@@ -171,13 +171,18 @@ DEMO_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 DEMO_DEFAULTS = {
     "model_name_or_path": "offline:SmolLM2-135M-Instruct",
     "dataset_name": str(DEMO_PROMPTS),
-    "judge": "shorter",
+    # A rule reward rather than a judge, so that objective/scores shows the preference being learned:
+    # shorter answers score higher, and an answer cut off before EOS loses 1.
+    "reward_funcs": ["minidpo.judges:brevity"],
+    "missing_eos_penalty": 1.0,
     "output_dir": "out/minidpo-demo",
-    "max_steps": 40,
+    # Sized to show learning in a few minutes on two CPU cores (bf16 autocast: ~7 s a step).
+    "max_steps": 30,
     "per_device_train_batch_size": 8,
     "max_new_tokens": 48,
-    "learning_rate": 1e-5,
-    "logging_steps": 5,
+    "learning_rate": 2e-5,
+    "bf16": True,
+    "logging_steps": 2,
     "log_completions_steps": 10,
     "save_steps": 0,
 }
@@ -259,8 +264,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     given = vars(parser.parse_args(argv))
     if "model_name_or_path" not in given:
         demo = {k: v for k, v in DEMO_DEFAULTS.items() if k not in given}
-        if "reward_model_path" in given or "reward_funcs" in given:  # the user chose the scorer
-            demo.pop("judge", None)
+        if {"judge", "reward_model_path", "reward_funcs"} & given.keys():  # the user chose the scorer
+            demo.pop("reward_funcs", None)
         given = {**demo, **given}
     try:
         return Config(**given).validate()

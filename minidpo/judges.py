@@ -108,6 +108,11 @@ class KeywordJudge(RuleJudge):
         return self.keyword in completion.lower()
 
 
+def brevity(prompts, completions, **kwargs) -> list[float]:
+    """A rule reward for the offline demo: minus the completion's length in hundreds of characters."""
+    return [-len(c) / 100 for c in completions]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pointwise scores: a tensor [N] for N (prompt, completion) rows.
 

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -61,9 +62,7 @@ class ModelConfig:
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Rotary frequencies theta^(-2i/d) for i < d/2, with the linear or Llama 3 rescaling."""
     dim = cfg.rotary_dim
-    # device="cpu" on purpose: the model may be built on the meta device, and this buffer is not
-    # in the checkpoint, so it must hold real values from the start.
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
@@ -86,6 +85,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the first rotary_dim features of x [B, H, T, head_dim] in "half" layout:
     pairs are (i, i + d/2), not adjacent features (the HF checkpoints are stored that way)."""
     rotary_dim = cos.shape[-1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x may be bf16 while the weights are fp32
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     x1, x2 = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -196,6 +196,14 @@ class KVCache:
     def max_len(self) -> int:
         return self.valid.shape[1]
 
+    def rows(self, index: slice) -> "KVCache":
+        """A view of some rows (e.g. the first R, or every n-th): writes through it land in this cache."""
+        view = object.__new__(KVCache)
+        view.k = [k[index] for k in self.k]
+        view.v = [v[index] for v in self.v]
+        view.valid = self.valid[index]
+        return view
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -208,7 +216,10 @@ class Transformer(nn.Module):
             self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
         elif not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Not in checkpoints: a model built on the meta device gets real values from the loader.
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # Recompute each block's activations in backward instead of keeping them (--gradient_checkpointing).
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, slots=None, logits_to_keep=0):
         """Logits [B, T, vocab] (a reward model: [B, T, num_labels]).
@@ -235,7 +246,10 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, cos, sin, mask, kv, slots)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, kv, slots, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv, slots)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.head(self.norm(x))
@@ -247,11 +261,11 @@ class Transformer(nn.Module):
         return F.linear(x, weight)
 
     def rope(self, positions):
-        """cos and sin [B, 1, T, rotary_dim] for integer positions [B, T]; computed in fp32."""
+        """cos and sin [B, 1, T, rotary_dim] in fp32 for integer positions [B, T]; apply_rope casts
+        them to the activations' dtype."""
         freqs = positions[..., None].float() * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-        dtype = self.embed.weight.dtype
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return angles.cos(), angles.sin()
 
     @staticmethod
     def attention_mask(key_valid, query_slots):
