@@ -262,6 +262,14 @@ def cuda_llama(tmp_path_factory):
     return path
 
 
+def update_in_place(model):
+    """What the optimizer does to the weights: the same tensors, new values."""
+    with torch.no_grad():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for p in model.parameters():
+            p.data.add_(0.1 * torch.randn(p.shape, device="cuda", generator=g))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_greedy_matches_eager(cuda_llama, dtype):
@@ -287,10 +295,7 @@ def test_cuda_graph_sees_in_place_weight_updates(cuda_llama):
     graphs, eager = Sampler(model), Sampler(model, cuda_graphs=False)
     ids, mask = prompts([7, 3, 10, 1])
     before = greedy(graphs, ids, mask, n=2, max_new_tokens=24).ids
-    with torch.no_grad():  # what the optimizer does: the same tensors, new values
-        g = torch.Generator(device="cuda").manual_seed(0)
-        for p in model.parameters():
-            p.data.add_(0.1 * torch.randn(p.shape, device="cuda", generator=g))
+    update_in_place(model)
     after = greedy(graphs, ids, mask, n=2, max_new_tokens=24).ids
     assert not torch.equal(before, after)
     assert torch.equal(after, greedy(eager, ids, mask, n=2, max_new_tokens=24).ids)
@@ -329,10 +334,7 @@ def test_cuda_graph_under_bf16_autocast_sees_weight_updates(cuda_llama):
     ids, mask = prompts([7, 3, 10, 1])
     before = greedy(graphs, ids, mask, n=2, max_new_tokens=24).ids
     assert torch.equal(before, greedy(eager, ids, mask, n=2, max_new_tokens=24).ids)
-    with torch.no_grad():
-        g = torch.Generator(device="cuda").manual_seed(0)
-        for p in model.parameters():
-            p.data.add_(0.1 * torch.randn(p.shape, device="cuda", generator=g))
+    update_in_place(model)
     after = greedy(graphs, ids, mask, n=2, max_new_tokens=24).ids
     assert not torch.equal(before, after)
     assert torch.equal(after, greedy(eager, ids, mask, n=2, max_new_tokens=24).ids)
