@@ -117,14 +117,17 @@ def brevity(prompts, completions, **kwargs) -> list[float]:
 # Pointwise scores: a tensor [N] for N (prompt, completion) rows.
 
 
-def render_completion(tokenizer, prompt, completion: str) -> str:
+def render_completion(tokenizer, prompt, completion) -> str:
     """Prompt + completion as one text for a model that reads them together (a reward model): a
     conversation through the tokenizer's chat template, the completion as the assistant's turn;
     a plain prompt followed by the completion text. Encode a conversation without special tokens
-    (the template writes BOS itself) and a plain text with them."""
+    (the template writes BOS itself) and a plain text with them. A sampled completion is text; a
+    conversational preference row's chosen or rejected is already a list of messages."""
     if isinstance(prompt, str):
         return prompt + completion
-    return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}])
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    return tokenizer.apply_chat_template(prompt + completion)
 
 
 class RewardModel:
@@ -230,12 +233,19 @@ class LLMJudge(PairwiseJudge):
     The comparison (question, both responses, instruction) is rendered through the model's chat
     template with the generation prompt, and one forward pass reads the log-probs of the two labels
     as the first token of the answer: no sampling, so a verdict is deterministic for a given order.
-    Changing `instruction` changes what "better" means (the paper's controllable feedback). A pair is
-    undecided (-1) when the two log-probs are within `margin`.
+    Changing `instruction` changes what "better" means (the paper's controllable feedback).
+
+    Small judges prefer the first response shown far more than anything they read in it (about
+    2.3 nats for SmolLM2-135M). With both_orders (the default) each pair is shown both ways and the
+    verdict comes from preferences(), where that bias cancels exactly, for two rows per pair;
+    shuffle_order is then moot. Without it each pair is shown once, shuffled if asked. A pair is
+    undecided (-1) when its preference (shown once: its label gap) is within `margin`. 0.01 nats
+    is far above batching's rounding (~1e-5) and below what an instruction moves (~0.1): only
+    pairs the model can hardly tell apart are -1, such as two equal completions (exactly 0).
     """
 
     def __init__(self, model, tokenizer, instruction: str = DEFAULT_INSTRUCTION, labels=("A", "B"),
-                 margin: float = 0.01, batch_size: int = 8, seed: int = 0):
+                 margin: float = 0.01, batch_size: int = 8, seed: int = 0, both_orders: bool = True):
         self.label_ids = []
         for label in labels:
             ids = tokenizer.encode(label, add_special_tokens=False)
@@ -245,7 +255,7 @@ class LLMJudge(PairwiseJudge):
             self.label_ids.append(ids[0])
         self.model, self.tokenizer = model.eval(), tokenizer
         self.instruction, self.labels, self.margin, self.batch_size = instruction, labels, margin, batch_size
-        self.rng = random.Random(seed)
+        self.rng, self.both_orders = random.Random(seed), both_orders
 
     @classmethod
     def from_pretrained(cls, path: str = "offline:SmolLM2-135M-Instruct", dtype=None, device=None,
@@ -271,7 +281,21 @@ class LLMJudge(PairwiseJudge):
             out.append(logits.log_softmax(-1)[:, self.label_ids])
         return torch.cat(out).cpu()
 
+    def preferences(self, prompts, completion_pairs) -> torch.Tensor:
+        """[N]: how much the judge prefers completion 0 to completion 1, in nats. The label gap
+        logp(first label) - logp(second label) with completion 0 shown first, minus the same gap
+        with completion 1 shown first: a preference for a position or a label is in both gaps and
+        cancels, what is left comes from the content. Swapping a pair negates it."""
+        # Both orders of a pair in adjacent rows: the same batch, about the same length.
+        shown = [order for a, b in completion_pairs for order in ((a, b), (b, a))]
+        logprobs = self.label_logprobs([p for p in prompts for _ in range(2)], shown)
+        gap = (logprobs[:, 0] - logprobs[:, 1]).view(-1, 2)
+        return gap[:, 0] - gap[:, 1]
+
     def judge(self, prompts, completion_pairs, shuffle_order=True):
+        if self.both_orders:
+            return [-1 if abs(s) <= self.margin else int(s < 0)
+                    for s in self.preferences(prompts, completion_pairs).tolist()]
         swapped = [False] * len(completion_pairs)
         if shuffle_order:
             completion_pairs, swapped = shuffle_pairs(completion_pairs, self.rng)

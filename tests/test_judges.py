@@ -160,6 +160,32 @@ LENGTH_PAIRS = [
      "Bees make honey from the nectar of flowers. They collect nectar, store it in their honey stomach, and back "
      "in the hive they evaporate water from it until it becomes thick honey stored in wax combs."),
 ]
+MORE_LENGTH_PAIRS = [
+    ("What is the freezing point of water?", "0 °C.",
+     "Water freezes at 0 degrees Celsius, which is 32 degrees Fahrenheit, at normal atmospheric pressure; salt "
+     "water freezes at a slightly lower temperature."),
+    ("What is the chemical symbol for gold?", "Au.",
+     "The chemical symbol for gold is Au, from the Latin word aurum, meaning shining dawn. Gold is element number "
+     "79 in the periodic table."),
+    ("How many days are in a week?", "Seven.",
+     "There are seven days in a week: Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday, a cycle "
+     "that goes back to ancient Babylon."),
+    ("What is the opposite of hot?", "Cold.",
+     "The opposite of hot is cold. Hot describes a high temperature, such as boiling water or a summer afternoon, "
+     "while cold describes a low one, like ice or snow."),
+    ("Which animal says moo?", "A cow.",
+     "The animal that says moo is the cow. Cows moo to call their calves, to find the rest of the herd, or when "
+     "they are hungry and want to be fed."),
+    ("What gas do plants absorb?", "Carbon dioxide.",
+     "Plants absorb carbon dioxide from the air through small pores in their leaves, and use it with water and "
+     "sunlight to make sugar in photosynthesis, releasing oxygen."),
+    ("What is the square root of 9?", "3.",
+     "The square root of 9 is 3, because 3 multiplied by itself gives 9. Strictly speaking -3 squared is also 9, "
+     "but the principal square root is the positive one."),
+    ("What is the tallest animal?", "The giraffe.",
+     "The tallest animal is the giraffe, which can grow to about 5.5 metres. Its long neck lets it eat leaves "
+     "high up in acacia trees that other animals cannot reach."),
+]
 
 
 @pytest.fixture(scope="module")
@@ -172,50 +198,72 @@ def smollm2_tokenizer(offline_model_dir):
     return Tokenizer.from_dir(offline_model_dir)
 
 
-class FirstLabelModel(torch.nn.Module):
-    """A planted position bias: always answers with the first label, whatever the prompt says."""
+class PlantedModel(torch.nn.Module):
+    """A fake judge model with a planted position bias: 5 nats towards the first label, whatever the
+    prompt says. Given a keyword, also 1 nat towards the label of the response that contains it."""
 
-    def __init__(self, vocab_size, first_label_id):
+    def __init__(self, tokenizer, keyword=None):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the judge a device to read
-        self.vocab_size, self.first_label_id = vocab_size, first_label_id
+        self.tokenizer, self.keyword = tokenizer, keyword
+        self.label_a, self.label_b = (tokenizer.encode(label, add_special_tokens=False)[0] for label in "AB")
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
-        logits = torch.zeros(input_ids.shape[0], 1, self.vocab_size)
-        logits[..., self.first_label_id] = 5.0
+        logits = torch.zeros(input_ids.shape[0], 1, self.tokenizer.vocab_size)
+        logits[..., self.label_a] = 5.0
+        for row, text in enumerate(self.tokenizer.batch_decode(input_ids.tolist())):
+            if self.keyword and self.keyword in text:
+                in_first = self.keyword in text.split("## Response B")[0]
+                logits[row, 0, self.label_a if in_first else self.label_b] += 1.0
         return logits
 
 
 def test_llm_judge_labels_must_be_single_tokens(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    model = FirstLabelModel(tok.vocab_size, 0)
+    model = PlantedModel(tok)
     with pytest.raises(ValueError, match=r"' 0' is 2 tokens"):
         LLMJudge(model, tok, labels=(" 0", " 1"))  # SmolLM2 splits " 0" into a space and a digit
     assert LLMJudge(model, tok, labels=("0", "1")).label_ids == [tok.encode("0")[0], tok.encode("1")[0]]
 
 
-def test_shuffling_removes_a_planted_position_bias(smollm2_tokenizer):
+def test_shuffling_or_both_orders_remove_a_planted_position_bias(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    biased = FirstLabelModel(tok.vocab_size, tok.encode("A", add_special_tokens=False)[0])
+    biased = PlantedModel(tok)
     prompts, pairs = ["Say something."] * 200, [("Hello.", "Hello.")] * 200
-    assert LLMJudge(biased, tok).judge(prompts, pairs, shuffle_order=False) == [0] * 200
-    judge = LLMJudge(biased, tok, seed=3)
-    verdicts = judge.judge(prompts, pairs, shuffle_order=True)
-    # The verdict is whichever completion was shown first: 0 unless the pair was swapped.
+    # Shown once, in the order given: always the first shown, completion 0.
+    once = LLMJudge(biased, tok, both_orders=False, seed=3)
+    assert once.judge(prompts, pairs, shuffle_order=False) == [0] * 200
+    # Shown once, shuffled: whichever completion was shown first, 0 unless the pair was swapped.
+    verdicts = once.judge(prompts, pairs, shuffle_order=True)
     _, swapped = shuffle_pairs(pairs, random.Random(3))
     assert verdicts == [int(s) for s in swapped]
     assert 70 <= verdicts.count(0) <= 130  # about half, no longer always completion 0
-    # A margin wider than any gap leaves every pair undecided.
-    assert LLMJudge(biased, tok, margin=10.0).judge(prompts[:4], pairs[:4]) == [-1] * 4
+    # Shown both ways (the default): a preference for a position alone cancels, so every pair is undecided.
+    assert LLMJudge(biased, tok).judge(prompts[:4], pairs[:4]) == [-1] * 4
+    # A margin wider than any gap leaves every pair undecided when shown once too.
+    assert LLMJudge(biased, tok, margin=10.0, both_orders=False).judge(prompts[:4], pairs[:4]) == [-1] * 4
+
+    # The position bias and a 5x weaker content preference (for "Yes"): shown both ways, the verdict
+    # follows the content alone, 2 nats either way; shown once, the position wins every time.
+    biased = PlantedModel(tok, keyword="Yes")
+    pairs = [("Yes, gladly.", "No."), ("No.", "Yes, gladly."), ("Yes.", "Yes!"), ("No.", "Nope.")]
+    judge = LLMJudge(biased, tok)
+    assert judge.preferences(prompts[:4], pairs).tolist() == pytest.approx([2.0, -2.0, 0.0, 0.0], abs=1e-5)
+    assert judge.judge(prompts[:4], pairs) == [0, 1, -1, -1]
+    assert judge.judge(prompts[:4], pairs, shuffle_order=False) == [0, 1, -1, -1]  # moot with both orders
+    assert LLMJudge(biased, tok, both_orders=False).judge(prompts[:4], pairs, shuffle_order=False) == [0] * 4
 
 
 @pytest.mark.slow
 def test_llm_judge_real_model_position_bias_and_shuffle(smollm2):
-    """SmolLM2-135M has a strong position bias of its own. Measured: without shuffling it names the
-    first response in 16/16 presentations here (32/32 on 16 pairs), each pair in both orders, so its
-    verdicts contradict themselves on every pair; with shuffling completion 0 won 9/16 (20/32)."""
+    """SmolLM2-135M has a strong position bias of its own. Measured: shown once without shuffling it
+    names the first response in 16/16 presentations here (32/32 on 16 pairs), each pair in both
+    orders, so its verdicts contradict themselves on every pair; with shuffling completion 0 won 9/16
+    (20/32). Shown both ways (the default) its verdicts contradict themselves on no pair: judging a
+    swapped pair gives exactly the swapped verdict (one pair here, 2 + 2, is within the margin both
+    ways: 0.001 nats)."""
     model, tok = smollm2
-    judge = LLMJudge(model, tok, seed=0)
+    judge = LLMJudge(model, tok, seed=0, both_orders=False)
     prompts = [q for q, _, _ in LENGTH_PAIRS] * 2
     pairs = [(s, l) for _, s, l in LENGTH_PAIRS] + [(l, s) for _, s, l in LENGTH_PAIRS]
     plain = judge.judge(prompts, pairs, shuffle_order=False)
@@ -224,35 +272,46 @@ def test_llm_judge_real_model_position_bias_and_shuffle(smollm2):
     shuffled = judge.judge(prompts, pairs, shuffle_order=True)
     assert set(shuffled) <= {-1, 0, 1}
     assert 4 <= shuffled.count(0) <= 12, shuffled
+    both = LLMJudge(model, tok).judge(prompts, pairs)
+    assert both[:8] == [-1 if v == -1 else 1 - v for v in both[8:]] and both.count(-1) <= 4, both
 
 
 @pytest.mark.slow
 def test_llm_judge_instruction_moves_its_preference(smollm2):
-    """The paper's controllable feedback, measured honestly at 135M parameters.
+    """The paper's controllable feedback, measured honestly at 135M parameters, on 16 pairs where
+    "shorter" and "longer" disagree on every pair.
 
-    Compared with "Which response is longer?", "Which response is shorter?" moves the judge's label
-    log-prob margin towards the short answer on 8/8 of these pairs (16/16 on a wider set of 16),
-    both orders averaged so that the position bias cancels. But the move is small (mean 0.08 nats,
-    min 0.013) next to the position bias (about 2.3 nats), so the verdicts hardly follow it: with
-    shuffling (16 pairs, 3 seeds) the short answer won 28/48 under "shorter" and 26/48 under
-    "longer", i.e. 58% and 46% agreement with the instruction, chance level. Other framings tried
-    (instruction first or as the system message, labels 0/1 or 1/2, an answer prefix, criteria such
-    as language, politeness, correctness, capitals) did no better. Feedback that follows the
-    instruction needs a larger judge model.
+    Shown both ways (the default), the position bias cancels and the verdicts come from the content;
+    "Which response is shorter?" then moves the preference (preferences()) towards the short answer,
+    compared with "Which response is longer?", on 15/16 pairs. But the move is small (mean 0.12
+    nats) next to how much the model leans to one answer of a pair whatever it is asked (up to 0.8
+    nats, mostly to the long one with labels A/B, mostly to the short one with X/Y), so the verdicts
+    follow that lean: the short answer wins 4/16 under "shorter" and 2/16 under "longer", i.e. 25%
+    and 88% agreement with the instruction; the instruction flips 2 verdicts of 16. Shown once, the
+    position decides instead: 17/32 and 16/32 (53% and 50%) with each pair in both orders, 28/48 and
+    22/48 (58% and 46%) shuffled with 3 seeds. Other phrasings and labels (fewer/more words,
+    concise/detailed, the instruction also as the system message, an answer prefix, labels 1/2, X/Y,
+    a/b, P/Q) reached at best 11/16 under each instruction (labels 1/2 and X/Y averaged), and criteria
+    (English/French, polite/rude, positive/negative, correct/wrong) did no better: feedback that
+    follows the instruction needs a larger judge model. What holds at 135M: the instruction moves
+    the preference the right way, and it never moves a verdict the wrong way.
     """
     model, tok = smollm2
-    prompts = [q for q, _, _ in LENGTH_PAIRS]
-    short_first = [(s, l) for _, s, l in LENGTH_PAIRS]
-    long_first = [(l, s) for _, s, l in LENGTH_PAIRS]
+    rows = LENGTH_PAIRS + MORE_LENGTH_PAIRS
+    prompts, short_first = [q for q, _, _ in rows], [(s, l) for _, s, l in rows]
 
     def prefers_short(instruction):
-        judge = LLMJudge(model, tok, instruction=instruction)
-        a = judge.label_logprobs(prompts, short_first)
-        b = judge.label_logprobs(prompts, long_first)
-        return ((a[:, 0] - a[:, 1]) + (b[:, 1] - b[:, 0])) / 2  # > 0: leans to the short answer
+        return LLMJudge(model, tok, instruction=instruction).preferences(prompts, short_first)
 
-    shift = prefers_short("Which response is shorter?") - prefers_short("Which response is longer?")
-    assert (shift > 0).sum().item() >= 7, shift
+    to_short, to_long = prefers_short("Which response is shorter?"), prefers_short("Which response is longer?")
+    shift = to_short - to_long  # > 0: "shorter" leans more to the short answer than "longer" does
+    assert (shift > 0).sum().item() >= 14, shift
+    # judge()'s verdicts (its margin rule is tested on the planted model): wherever the short answer
+    # wins under "longer" it also wins under "shorter", and it wins more often under "shorter".
+    margin = LLMJudge(model, tok).margin
+    short_wins, short_wins_anyway = (to_short > margin).tolist(), (to_long > margin).tolist()
+    assert all(s or not a for s, a in zip(short_wins, short_wins_anyway)), (to_short, to_long)
+    assert sum(short_wins) > sum(short_wins_anyway), (to_short, to_long)
 
 
 @pytest.mark.slow
