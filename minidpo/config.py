@@ -219,13 +219,20 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, as every other error of train.py, rather than argparse's usage line and then
+        # "train.py: error: ..."; --help shows the usage.
+        self.exit(2, f"error: {message}\n")
+
+
 class _Unsupported(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string}: {UNSUPPORTED[self.dest]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="train.py", usage="torchrun [--nproc_per_node=N] train.py [--flag value ...]",
         description="Online DPO in raw PyTorch. Without --model_name_or_path: the offline demo.",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=40, width=110),

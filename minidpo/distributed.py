@@ -1,14 +1,21 @@
-"""torch.distributed plumbing: the process group torchrun describes, and reductions of metrics.
+"""torch.distributed plumbing: the process group torchrun describes, FSDP2 sharding, reductions of metrics.
 
 One process without torchrun is world size 1 with no process group at all; every helper here
-then does the trivial thing, so the trainer has a single code path.
+then does the trivial thing (the model stays a plain module), so the trainer has a single code path.
+
+Several nodes need nothing here: torchrun's own flags (--nnodes, --node_rank, --master_addr) set
+the environment that init_distributed reads.
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 @dataclass
@@ -36,6 +43,66 @@ def init_distributed(use_cpu: bool = False) -> Dist:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Dist(rank, world_size, local_rank, device)
+
+
+def shard(model: torch.nn.Module, d: Dist, bf16: bool = False, frozen: bool = False) -> torch.nn.Module:
+    """Shard `model` across the ranks with FSDP2, in place; with one process, leave it as it is.
+
+    Each transformer block is its own FSDP unit, gathered just before it runs and freed after,
+    so at most about one block's full weights exist at a time beyond the shards. The root unit
+    holds what is left (embeddings, final norm, head). Under --bf16 the gathered weights are bf16
+    (what the matmuls use anyway) while the shards, the optimizer state and the gradient
+    reduction stay fp32. The root of a trained model keeps its gathered weights from forward to
+    backward, which needs them at once (fully_shard's default); a frozen model has no backward,
+    so its root frees them after each forward too.
+    """
+    if d.world_size == 1:
+        return model
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=precision)
+    fully_shard(model, mesh=mesh, mp_policy=precision, reshard_after_forward=True if frozen else None)
+    return model
+
+
+def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered(model: torch.nn.Module):
+    """Hold the full weights of a sharded model for the duration of a `with` block (a rollout).
+
+    Generation runs one forward per token. Without this, every token would all-gather every
+    block and free it again. It also keeps generation free of collectives: ranks stop decoding
+    at different steps (when their own rows reach EOS), which per-forward gathers would turn into
+    a hang. The cost is memory: the whole model unsharded, in the gathered dtype, for the rollout.
+    Enter it outside torch.inference_mode: weights gathered inside it would be inference tensors,
+    which FSDP cannot gather into again at the next training forward.
+    """
+    units = fsdp_units(model)
+    for unit in units:  # unshard() is not recursive: one call per block and one for the root
+        unit.unshard()
+    if units:
+        model.set_reshard_after_forward(False)  # recursive: the forwards inside must not free them
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        if units:  # back to fully_shard's defaults for a trained model (see shard)
+            model.set_reshard_after_forward(True)
+            model.set_reshard_after_forward(False, recurse=False)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole model's state dict, gathered to rank 0's CPU memory (an empty dict on the other
+    ranks). Every rank must call it: the gather is a collective."""
+    if not fsdp_units(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,17 +27,23 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from . import judges
 from .checkpoint import load_model, resolve, write_pretrained
 from .config import Config, interval
 from .data import PromptSampler, load_preferences, load_prompts
-from .distributed import all_reduce_sum, barrier, init_distributed
+from .distributed import all_reduce_sum, barrier, full_state_dict, gathered, init_distributed, shard
 from .model import last_token_scores
 from .loss import bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics, token_logprobs
 from .sampler import Sampler
 from .tokenizer import Tokenizer
 from .tracking import Tracker
+
+
+# Without a process group (one process), DCP warns at every save and load that it assumes one process:
+# that is the intent, and the warning's two lines would bury the log and the one-line errors.
+DCP_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
 
 
 class TrainingError(RuntimeError):
@@ -69,20 +76,28 @@ class Trainer:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         if cfg.objective == "reward":
             # A causal LM becomes a reward model: same body, a fresh one-output `score` head.
-            self.policy = load_model(str(model_dir), device=device, num_labels=1)
+            self.policy = shard(load_model(str(model_dir), device=device, num_labels=1), self.dist, cfg.bf16)
             rows = load_preferences(cfg.dataset_name, cfg.dataset_train_split, cfg.dataset_config)
         else:
             self.policy = load_model(str(model_dir), device=device)
             # The frozen reference pi_ref, in the policy's dtype and under the same autocast, so that
             # the two agree exactly (KL 0) before the first step.
             self.reference = load_model(str(model_dir), device=device).requires_grad_(False)
+            # With several processes both are sharded (FSDP2) before the optimizer sees the policy's
+            # parameters; the reference has no gradients and no optimizer state, only its shards.
+            shard(self.policy, self.dist, cfg.bf16)
+            shard(self.reference, self.dist, cfg.bf16, frozen=True)
             self.sampler = Sampler(self.policy, cuda_graphs=cfg.cuda_graphs,
                                    dtype=torch.bfloat16 if cfg.bf16 else None)
             if device.type == "cuda":  # size the cache for the longest sequence now: growing it recaptures graphs
-                self.sampler.reserve(2 * cfg.per_device_train_batch_size, cfg.max_length)
+                with gathered(self.policy):
+                    self.sampler.reserve(2 * cfg.per_device_train_batch_size, cfg.max_length)
             # Every rank samples differently; a CPU generator keeps runs reproducible on any device.
             self.generator = torch.Generator(device).manual_seed(cfg.seed + 1000 * self.dist.rank)
             self.preference = Preference(cfg, device)
+            for scorer in self.preference.scorers:
+                if isinstance(scorer, judges.RewardModel):
+                    shard(scorer.model, self.dist, cfg.bf16, frozen=True)
             rows = load_prompts(cfg.dataset_name, cfg.dataset_train_split, cfg.dataset_config)
         self.policy.gradient_checkpointing = cfg.gradient_checkpointing
         self.data = PromptSampler(rows, cfg.per_device_train_batch_size, self.dist.rank, self.dist.world_size,
@@ -138,8 +153,10 @@ class Trainer:
     def train_step(self, batches) -> dict:
         cfg = self.cfg
         metrics = {}
-        for _ in range(cfg.gradient_accumulation_steps):
+        for i in range(cfg.gradient_accumulation_steps):
             epoch, batch = next(batches)
+            if self.dist.world_size > 1:  # FSDP: reduce-scatter the gradients once, after the last micro-batch
+                self.policy.set_requires_gradient_sync(i == cfg.gradient_accumulation_steps - 1)
             beta = cfg.beta[min(epoch, len(cfg.beta) - 1)]  # a list of betas gives one per epoch
             micro_step = self.reward_micro_step if cfg.objective == "reward" else self.online_dpo_micro_step
             loss, micro_metrics = micro_step(batch, beta)
@@ -154,6 +171,8 @@ class Trainer:
                 metrics[name] = (prev[0] + s, prev[1] + c)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):  # under FSDP: the norm over all shards, replicated on every rank
+            grad_norm = grad_norm.full_tensor()
         metrics["grad_norm"] = (grad_norm.detach().float(), torch.tensor(1.0, device=grad_norm.device))
         metrics["learning_rate"] = (torch.tensor(self.scheduler.get_last_lr()[0]), torch.tensor(1.0))
         self.optimizer.step()
@@ -169,9 +188,10 @@ class Trainer:
         texts = [render_prompt(tok, p) for p in prompts]
         prompt_ids, prompt_mask = tok(texts, add_special_tokens=isinstance(prompts[0], str),
                                       max_length=cfg.max_length - cfg.max_new_tokens)
-        out = self.sampler.generate(
-            prompt_ids, prompt_mask, n=2, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id, generator=self.generator)
+        with gathered(self.policy):  # under FSDP: the full weights once per rollout, not once per token
+            out = self.sampler.generate(
+                prompt_ids, prompt_mask, n=2, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id, generator=self.generator)
         completions = tok.batch_decode(out.ids.tolist())  # rows 2b and 2b+1 belong to prompt b
 
         # 2. Preference: which of each prompt's two completions is chosen; undecided pairs are dropped.
@@ -203,7 +223,10 @@ class Trainer:
         mask = completion_mask.float()
         seq, ref_seq = (logps * mask).sum(1), (ref_logps * mask).sum(1)
 
-        # 4. The loss on this fresh preference.
+        # 4. The loss on this fresh preference: a mean over this rank's valid pairs. FSDP averages
+        # gradients over ranks, so with equal valid counts this is the mean over all pairs; when
+        # ranks drop different numbers of undecided pairs, each rank's pairs weigh a little more or
+        # less (as in the reference under accelerate). The logged metrics are exact either way.
         loss = dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], beta, cfg.loss_type, valid)
         metrics = online_dpo_metrics(logps, ref_logps, completion_mask, out.has_eos[order], beta, valid,
                                      None if scores is None else scores.to(device)[order])
@@ -257,11 +280,14 @@ class Trainer:
             tmp.mkdir(parents=True)
         barrier()
         model_state, optim_state = get_state_dict(self.policy, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", DCP_ONE_PROCESS)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state")
         rng = {"generator": self.generator.get_state()} if hasattr(self, "generator") else {}
         save_file(rng | {"torch": torch.get_rng_state()}, tmp / f"rng-rank{self.dist.rank}.safetensors")
+        full = full_state_dict(self.policy)  # a collective: every rank takes part, rank 0 gets the tensors
         if self.dist.is_main:
-            write_pretrained(self.policy.state_dict(), self.policy.cfg, tmp, self.tokenizer)
+            write_pretrained(full, self.policy.cfg, tmp, self.tokenizer)
             state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size": self.dist.world_size,
                      "config": self.cfg.to_dict()}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -301,9 +327,14 @@ class Trainer:
         model_state, optim_state = get_state_dict(self.policy, self.optimizer)
         both = {"model": model_state, "optim": optim_state}
         try:
-            dcp.load(both, checkpoint_id=path / "state")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", DCP_ONE_PROCESS)
+                dcp.load(both, checkpoint_id=path / "state")
             rng = load_file(path / f"rng-rank{self.dist.rank}.safetensors")
-        except Exception as e:
+        except (Exception, dcp.CheckpointException) as e:
+            # DCP wraps each rank's error in a CheckpointException, a BaseException: name the one inside.
+            if isinstance(e, dcp.CheckpointException):
+                e = next(iter(e.failures.values()))[0]
             raise ValueError(f"--resume_from_checkpoint: {path} is unreadable ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         set_state_dict(self.policy, self.optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
@@ -315,9 +346,10 @@ class Trainer:
 
     def save_final(self):
         """The trained model in output_dir itself, in the HF layout, with a short model card."""
+        full = full_state_dict(self.policy)  # a collective: every rank takes part, rank 0 gets the tensors
         if self.dist.is_main:
             tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=self.output_dir))
-            write_pretrained(self.policy.state_dict(), self.policy.cfg, tmp, self.tokenizer)
+            write_pretrained(full, self.policy.cfg, tmp, self.tokenizer)
             (tmp / "README.md").write_text(model_card(self.cfg, self.step, self.tracker.last_metrics))
             publish(tmp, self.output_dir)
             print(f"saved the model to {self.output_dir}", file=sys.stderr)

@@ -1,0 +1,580 @@
+"""End-to-end tests of the trainer and train.py on tiny random models (a word-level tokenizer and a
+2-layer Llama or GPT-NeoX saved by transformers): a rule preference is learned, the logged metrics
+and the schedule follow the reference, resuming continues exactly, the outputs load in
+transformers, the reward-model objective learns, bad input stops with one line and loses nothing,
+and the reference's example commands run."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as Backend
+from tokenizers import models, pre_tokenizers
+
+import minidpo
+import train
+from minidpo import trainer as trainer_module
+from minidpo.config import parse_args
+from minidpo.sampler import Completions
+from minidpo.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------------------------
+# A tiny world: ~60 words, ChatML specials, a pad token distinct from EOS (transformers' sequence
+# classifiers find each row's last token through pad_token_id, so EOS must not be the pad).
+
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = ("system user assistant the a cat dog sat on mat red blue green big small one two three four five "
+         "six seven eight nine ten good bad yes no hello world what is why how who you we they it and or "
+         "but not very short long answer question tell me about say write word day night sun moon tree "
+         "water fire stone bird fish run jump eat").split()
+VOCAB = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+PAD, EOS = VOCAB["<pad>"], VOCAB["<|im_end|>"]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+MODEL = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=256, eos_token_id=EOS, pad_token_id=PAD,
+             bos_token_id=None, tie_word_embeddings=False)
+
+
+def save_tokenizer(path: Path):
+    backend = Backend(models.WordLevel(VOCAB, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    backend.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<pad>",
+              "unk_token": "<unk>", "chat_template": CHATML}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def save_model(path: Path, model) -> Path:
+    model.save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+def words(i: int, n: int) -> str:
+    return " ".join(WORDS[3 + (i * 7 + j * 3) % (len(WORDS) - 3)] for j in range(n))
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Paths of the tiny models and datasets every test here shares (read-only)."""
+    root = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    paths = {
+        "llama": save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2))),
+        "neox": save_model(root / "neox", T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**MODEL, rotary_pct=0.25))),
+        "neox_rm": save_model(root / "neox_rm", T.GPTNeoXForSequenceClassification(
+            T.GPTNeoXConfig(**MODEL, rotary_pct=0.25, num_labels=1))),
+    }
+    # Half the prompts conversational, half standard: the trainer takes both.
+    rows = [{"prompt": [{"role": "user", "content": words(i, 2 + i % 4)}]} if i % 2 else
+            {"prompt": words(i, 3 + i % 3)} for i in range(32)]
+    paths["prompts"] = write_jsonl(root / "prompts.jsonl", rows)
+    # TL;DR-like standard rows with the extra completion column trl-lib/tldr has.
+    paths["tldr"] = write_jsonl(root / "tldr.jsonl", [
+        {"prompt": f"{words(i, 6)} tell me about it", "completion": words(i + 1, 3)} for i in range(16)])
+    return paths
+
+
+def run(argv) -> int:
+    return train.main([str(a) for a in argv])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def base(world, out, *extra):
+    return ["--model_name_or_path", world["llama"], "--dataset_name", world["prompts"], "--output_dir", out,
+            "--max_new_tokens", 8, "--max_length", 64, "--logging_steps", 1, "--save_steps", 0, *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls gain nothing from a second thread, and OpenMP's two threads stall for whole
+    # milliseconds per operation whenever another process holds a core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mean(rows, name):
+    return sum(r[name] for r in rows) / len(rows)
+
+
+def error_lines(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+RULE = ["--reward_funcs", "minidpo.judges:brevity", "--missing_eos_penalty", 1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Learning: a rule preference (short, finished answers) is learned in 50 steps.
+
+
+def test_rule_reward_is_learned(world, tmp_path):
+    out = tmp_path / "out"
+    assert run(base(world, out, *RULE, "--max_steps", 50, "--learning_rate", 3e-3,
+                    "--per_device_train_batch_size", 8)) == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 51))
+    first, last = rows[:10], rows[-10:]
+    # From about -1.2 (most completions cut off at 8 tokens) to about -0.6; margins from ~0 to ~0.1.
+    assert mean(last, "objective/scores") > mean(first, "objective/scores") + 0.3
+    assert mean(last, "rewards/margins") > mean(first, "rewards/margins") + 0.05
+    assert mean(last, "val/contain_eos_token") > mean(first, "val/contain_eos_token") + 0.25
+    assert mean(last, "objective/kl") > 0.1  # the policy moved away from the reference
+
+
+def test_pairwise_judge_is_learned(world, tmp_path):
+    out = tmp_path / "out"
+    assert run(base(world, out, "--judge", "shorter", "--max_steps", 50, "--learning_rate", 3e-3,
+                    "--per_device_train_batch_size", 8)) == 0
+    rows = metrics(out)
+    assert all("objective/scores" not in r and "objective/scores_margin" not in r for r in rows)  # no scores
+    assert all("rewards/margins" in r and "judge/undecided" in r for r in rows)
+    first, last = rows[:10], rows[-10:]
+    assert mean(last, "rewards/margins") > mean(first, "rewards/margins") + 0.05
+    assert mean(last, "val/contain_eos_token") > mean(first, "val/contain_eos_token") + 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Loss and metric plumbing.
+
+REFERENCE_METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                     "objective/scores", "objective/scores_margin", "rewards/chosen", "rewards/rejected",
+                     "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+                     "val/contain_eos_token", "beta"]
+
+
+def hf_linear_schedule(step: int, warmup: int, total: int) -> float:
+    """transformers' get_linear_schedule_with_warmup multiplier at scheduler step `step`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def test_metrics_beta_per_epoch_and_schedule(world, tmp_path):
+    prompts = write_jsonl(tmp_path / "four.jsonl", [{"prompt": words(i, 4)} for i in range(4)])
+    out = tmp_path / "out"
+    # 4 prompts in batches of 2: 2 steps per epoch, 3 epochs, 6 steps.
+    assert run(base(world, out, *RULE, "--dataset_name", prompts, "--per_device_train_batch_size", 2,
+                    "--num_train_epochs", 3, "--beta", 0.2, 0.1, "--learning_rate", 1e-3, "--warmup_steps", 2,
+                    "--log_completions_steps", 1)) == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    first = rows[0]
+    for name in REFERENCE_METRICS + ["loss", "learning_rate", "grad_norm", "epoch"]:
+        assert name in first and math.isfinite(first[name]), name
+
+    # Step 1: the policy is the reference, so KL and the implicit rewards are exactly zero.
+    for name in ("objective/kl", "objective/non_score_reward", "rewards/chosen", "rewards/rejected",
+                 "rewards/margins", "rewards/accuracies"):
+        assert first[name] == 0.0, name
+    assert first["objective/rlhf_reward"] == pytest.approx(first["objective/scores"], abs=1e-7)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # -log sigma(0)
+    assert first["objective/entropy"] > 0 and first["logps/chosen"] < 0 and first["grad_norm"] > 0
+
+    # The scores are brevity minus the EOS penalty of the logged completions, chosen the better one.
+    table = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    for step, row in zip((1, 2, 3, 4, 5, 6), rows):
+        pairs = [t for t in table if t["step"] == step]
+        assert len(pairs) == 2
+        scores = [s for t in pairs for s in (t["chosen_score"], t["rejected_score"])]
+        assert row["objective/scores"] == pytest.approx(sum(scores) / 4, abs=1e-6)
+        assert row["objective/scores_margin"] == pytest.approx(
+            sum(t["chosen_score"] - t["rejected_score"] for t in pairs) / 2, abs=1e-6)
+        ended = []
+        for t in pairs:
+            assert t["chosen_score"] >= t["rejected_score"]
+            for side in ("chosen", "rejected"):
+                penalty = -len(t[side]) / 100 - t[f"{side}_score"]
+                assert penalty == pytest.approx(0, abs=1e-6) or penalty == pytest.approx(1, abs=1e-6)
+                ended.append(penalty < 0.5)
+        assert row["val/contain_eos_token"] == pytest.approx(sum(ended) / 4)
+
+    # A beta list gives one beta per epoch, the last one kept.
+    assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    assert [r["beta"] for r in rows] == pytest.approx([0.2, 0.2, 0.1, 0.1, 0.1, 0.1])
+    # Linear warm-up over 2 steps, then linear decay to 0 at step 6; each row logs the rate its step used.
+    expected = [1e-3 * hf_linear_schedule(s - 1, 2, 6) for s in range(1, 7)]
+    assert [r["learning_rate"] for r in rows] == pytest.approx(expected, rel=1e-6)
+    assert expected[:3] == pytest.approx([0, 5e-4, 1e-3])
+    # Step 1 ran at rate 0, so step 2 still samples from the reference's weights.
+    assert rows[1]["objective/kl"] == 0.0 and rows[2]["objective/kl"] != 0.0
+
+
+def fixed_completions(self, input_ids, attention_mask, n=1, max_new_tokens=64, **kwargs):
+    """A stand-in for Sampler.generate whose completions depend on the prompt alone, not on the
+    batch it is in or on the generator: real sampling draws one random number per row, so batches
+    of 2 and of 4 prompts would sample different completions."""
+    rows = []
+    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+        tokens = [t for t, m in zip(ids, mask) if m]
+        g = torch.Generator().manual_seed(sum((i + 1) * t for i, t in enumerate(tokens)))
+        rows += [torch.randint(len(SPECIALS), len(VOCAB), (max_new_tokens,), generator=g) for _ in range(n)]
+    ids = torch.stack(rows)
+    return Completions(ids, torch.ones_like(ids), torch.zeros(len(ids), dtype=torch.bool))
+
+
+def first_gradient(argv) -> tuple[list[torch.Tensor], dict]:
+    t = Trainer(parse_args([str(a) for a in argv]))
+    grads = []
+    t.optimizer.register_step_pre_hook(
+        lambda *_: grads.extend(p.grad.clone() for p in t.policy.parameters()))
+    step_metrics = t.train_step(t.micro_batches())
+    return grads, {k: (s / c).item() for k, (s, c) in step_metrics.items()}
+
+
+def test_gradient_accumulation_equals_the_full_batch(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(minidpo.sampler.Sampler, "generate", fixed_completions)
+    common = base(world, tmp_path / "out", *RULE, "--max_steps", 1, "--max_grad_norm", 0)
+    accumulated, m_acc = first_gradient(common + ["--per_device_train_batch_size", 2,
+                                                  "--gradient_accumulation_steps", 2])
+    full, m_full = first_gradient(common + ["--per_device_train_batch_size", 4])
+    assert m_acc["loss"] == pytest.approx(m_full["loss"], abs=1e-6)
+    assert m_acc["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-5) and m_full["grad_norm"] > 0
+    for a, b in zip(accumulated, full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Resuming continues exactly; checkpoints are complete and pruned. 4. The outputs.
+
+VOLATILE = ("step_time", "tokens_per_second")  # wall-clock figures, different in every run
+
+
+def steady(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def resume_argv(world, out):
+    # Two micro-batches of 4 per step over 32 prompts: step 5 ends inside epoch 1.
+    return base(world, out, *RULE, "--max_steps", 10, "--learning_rate", 3e-3, "--per_device_train_batch_size", 4,
+                "--gradient_accumulation_steps", 2, "--save_steps", 5, "--log_completions_steps", 5)
+
+
+@pytest.fixture(scope="module")
+def straight(world, tmp_path_factory):
+    """Ten steps in one go (checkpoint-5 on the way), shared by the resume and output tests."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    assert run(resume_argv(world, out)) == 0
+    return out
+
+
+def test_resume_continues_exactly(world, straight, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train_step = Trainer.train_step
+
+    def crash_at_step_7(self, batches):
+        if self.step == 6:
+            raise RuntimeError("simulated crash")
+        return train_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_7)
+    assert run(resume_argv(world, out)) == 1
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]  # step 6 was logged after the checkpoint
+    assert not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+
+    assert run(resume_argv(world, out) + ["--resume_from_checkpoint", out / "checkpoint-5"]) == 0
+    ours, theirs = metrics(out), metrics(straight)
+    assert [r["step"] for r in ours] == list(range(1, 11))  # step 6 logged once, not twice
+    assert steady(ours) == steady(theirs)
+    assert (out / "completions.jsonl").read_text() == (straight / "completions.jsonl").read_text()
+    resumed, reference = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+
+
+def test_checkpoints_pruned_complete_and_newest_resumed(world, tmp_path):
+    out = tmp_path / "out"
+    argv = base(world, out, *RULE, "--max_steps", 8, "--learning_rate", 3e-3, "--per_device_train_batch_size", 4,
+                "--save_steps", 2, "--save_total_limit", 2)
+    assert run(argv) == 0
+    # Saved at 2, 4, 6 (step 8 is the final model itself); the limit keeps the newest two.
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint-6"]
+    for step in (4, 6):
+        checkpoint = out / f"checkpoint-{step}"
+        assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
+        assert (checkpoint / "config.json").is_file() and (checkpoint / "tokenizer.json").is_file()
+        minidpo.load_model(str(checkpoint))  # the policy in the HF layout
+    final = load_file(out / "model.safetensors")
+
+    resumed = Trainer(parse_args([str(a) for a in argv] + ["--resume_from_checkpoint", "true"]))
+    assert resumed.step == 6  # "true" picks the newest checkpoint
+    resumed.train()
+    assert [r["step"] for r in metrics(out)] == list(range(1, 9))
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[name], final[name]) for name in final)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_final_model_loads_in_transformers(world, straight):
+    assert (straight / "README.md").read_text().startswith("---\nlibrary_name: minidpo")
+    assert "for 10 steps" in (straight / "README.md").read_text()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja"):
+        assert (straight / name).is_file(), name
+
+    ours = minidpo.load_model(str(straight))
+    theirs = T.AutoModelForCausalLM.from_pretrained(straight).eval()
+    trained = load_file(straight / "model.safetensors")
+    initial = load_file(Path(world["llama"]) / "model.safetensors")
+    assert not torch.equal(trained["lm_head.weight"], initial["lm_head.weight"])
+    ids = torch.tensor([[VOCAB[w] for w in words(i, 6).split()] for i in range(3)])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=0, atol=1e-4)
+
+    # The saved tokenizer renders and encodes chats as transformers' own tokenizer does.
+    hf_tok = T.AutoTokenizer.from_pretrained(straight)
+    tok = minidpo.Tokenizer.from_dir(straight)
+    chat = [{"role": "user", "content": words(3, 5)}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=True)
+    assert text == hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert tok.encode(text) == hf_tok(text)["input_ids"]
+
+
+def test_completions_table(straight):
+    table = [json.loads(line) for line in (straight / "completions.jsonl").read_text().splitlines()]
+    # Every 5 steps, the rows of both micro-batches of 4 prompts.
+    assert [t["step"] for t in table] == [5] * 8 + [10] * 8
+    for t in table:
+        assert {"prompt", "chosen", "rejected", "decided", "chosen_score", "rejected_score"} <= t.keys()
+        assert t["chosen_score"] >= t["rejected_score"] and t["decided"]
+    # Conversational prompts went through the chat template; standard ones are as they were.
+    chats = [t["prompt"] for t in table if t["prompt"].startswith("<|im_start|>user\n")]
+    assert chats and all(c.endswith("<|im_start|>assistant\n") for c in chats)
+    assert any("<|im_start|>" not in t["prompt"] for t in table)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The reward-model objective (Bradley-Terry) learns a marker word and saves a classifier
+# that transformers loads.
+
+
+def preference_rows(n: int) -> list[dict]:
+    """Conversational rows whose chosen answer is the rejected one with one word replaced by "good"."""
+    filler = [w for w in WORDS[3:] if w != "good"]
+    rows = []
+    for i in range(n):
+        rejected = [filler[(i * 5 + j * 3 + 1) % len(filler)] for j in range(4)]
+        chosen = list(rejected)
+        chosen[i % 4] = "good"
+        rows.append({"prompt": [{"role": "user", "content": words(i, 2 + i % 3).replace("good", "bad")}],
+                     "chosen": [{"role": "assistant", "content": " ".join(chosen)}],
+                     "rejected": [{"role": "assistant", "content": " ".join(rejected)}]})
+    return rows
+
+
+def test_reward_objective_learns_and_loads_in_transformers(world, tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(64))
+    out = tmp_path / "rm"
+    assert run(base(world, out, "--objective", "reward", "--dataset_name", prefs, "--max_steps", 30,
+                    "--learning_rate", 1e-3, "--per_device_train_batch_size", 8)) == 0
+    rows = metrics(out)
+    assert mean(rows[-5:], "rewards/accuracies") >= 0.95
+    assert rows[0]["loss"] > 0.5 and mean(rows[-5:], "loss") < 0.3
+    assert mean(rows[-5:], "rewards/margins") > mean(rows[:5], "rewards/margins") + 1
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+    ours = minidpo.load_model(str(out))
+    theirs = T.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert theirs.config.pad_token_id == PAD != EOS  # transformers reads the score before the first pad
+    tok = minidpo.Tokenizer.from_dir(out)
+    held_out = preference_rows(67)[64:]
+    texts = [tok.apply_chat_template(r["prompt"] + r[side]) for r in held_out for side in ("chosen", "rejected")]
+    ids, mask = tok(texts, padding_side="right")
+    assert mask.sum(1).unique().numel() > 1  # rows of different lengths: the padding matters
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(minidpo.last_token_scores(ours(ids, mask), mask), expected, rtol=0, atol=1e-4)
+    assert (expected[0::2] > expected[1::2]).all()  # and it prefers the marker on rows it never saw
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Bad input: one line on stderr that names the problem, and nothing lost.
+
+
+def one_error_line(capsys) -> str:
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--judge", "shorter", "--reward_model_path", "rm"], "either --judge or --reward_model_path"),
+    ([], "needs --judge, --reward_model_path or --reward_funcs"),
+    (["--judge", "shorter", "--max_new_tokens", 64, "--max_length", 64], "--max_new_tokens (64) must be smaller"),
+    (["--judge", "shorter", "--not_a_flag", 3], "unrecognized arguments: --not_a_flag"),
+    (["--judge", "shorter", "--deepspeed", "zero2.json"], "--deepspeed: minidpo shards with FSDP2"),
+])
+def test_bad_flags_exit_2_with_one_line(world, tmp_path, capsys, extra, message):
+    argv = ["--model_name_or_path", world["llama"], "--dataset_name", world["prompts"], "--output_dir", tmp_path]
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv + extra)
+    assert exit_info.value.code == 2
+    assert message in one_error_line(capsys)
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_bad_data_and_judge_exit_1_with_one_line(world, tmp_path, capsys):
+    no_prompt = write_jsonl(tmp_path / "questions.jsonl", [{"question": "hi"}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = [
+        (["--dataset_name", no_prompt, "--judge", "shorter"],
+         f"{no_prompt}, line 1: no 'prompt' column (columns: question)"),
+        (["--dataset_name", empty, "--judge", "shorter"], f"{empty}: split 'train' has no rows"),
+        (["--judge", "pair_rm"], "available judges: shorter, keyword, llm, openai"),
+        (["--reward_funcs", "minidpo.judges:nothing_here"], "has no callable named 'nothing_here'"),
+        (["--judge", "shorter", "--model_name_or_path", tmp_path / "missing"], "is not a model directory"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        assert run(base(world, out, "--max_steps", 1, *extra)) == 1
+        line = one_error_line(capsys)
+        assert message in line, line
+        assert not (out / "model.safetensors").exists()
+
+
+def test_unreadable_checkpoints_are_refused(world, tmp_path, capsys, recwarn):
+    out = tmp_path / "out"
+    argv = base(world, out, "--judge", "shorter", "--max_steps", 2, "--save_steps", 1)
+    assert run(argv) == 0
+    good = out / "checkpoint-1"
+    capsys.readouterr()
+
+    no_state = tmp_path / "no_state"
+    no_state.mkdir()
+    bad_json = tmp_path / "bad_json"
+    shutil.copytree(good, bad_json)
+    (bad_json / "trainer_state.json").write_text("{not json")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    for f in (truncated / "state").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    cases = [(no_state, "is not a minidpo checkpoint (no trainer_state.json)"),
+             (bad_json, "cannot read"), (truncated, "is unreadable"), (tmp_path / "nowhere", "no trainer_state.json")]
+    for checkpoint, message in cases:
+        assert run(argv + ["--resume_from_checkpoint", checkpoint]) == 1
+        line = one_error_line(capsys)
+        assert message in line and str(checkpoint) in line, line
+    assert run(base(world, tmp_path / "fresh", "--judge", "shorter", "--max_steps", 1,
+                    "--resume_from_checkpoint", "true")) == 1
+    assert "no checkpoint-* in" in one_error_line(capsys)
+    # The good one still resumes: step 2 again, and the same final model.
+    final = load_file(out / "model.safetensors")
+    assert run(argv + ["--resume_from_checkpoint", good]) == 0
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[name], final[name]) for name in final)
+    # Nor do saving and loading print DCP's warning that one process is one process.
+    assert not [str(w.message) for w in recwarn if "torch.distributed" in str(w.message)]
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(world, tmp_path, capsys, monkeypatch):
+    calls, dpo_loss = [], trainer_module.dpo_loss
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = dpo_loss(*args, **kwargs)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    monkeypatch.setattr(trainer_module, "dpo_loss", nan_at_step_3)
+    out = tmp_path / "out"
+    argv = base(world, out, *RULE, "--max_steps", 5, "--save_steps", 2, "--learning_rate", 1e-3)
+    assert run(argv) == 1
+    line = one_error_line(capsys)
+    assert "the loss is nan at step 3" in line
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == ["checkpoint-2"]
+    assert not (out / "model.safetensors").exists()
+    checkpoint = out / "checkpoint-2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+    minidpo.load_model(str(checkpoint))
+    monkeypatch.undo()
+    resumed = Trainer(parse_args([str(a) for a in argv] + ["--resume_from_checkpoint", str(checkpoint)]))
+    assert resumed.step == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The reference's example commands (its Pythia TL;DR experiments) run as they are, with tiny
+# local stand-ins for the Hub's models and dataset and --max_steps 2. 8. --help.
+
+PYTHIA = {
+    "1b": "--learning_rate 5.0e-7 --beta 0.1 --per_device_train_batch_size 8 --gradient_accumulation_steps 2 "
+          "--num_train_epochs 3 --max_new_tokens 53 --warmup_ratio 0.1 --missing_eos_penalty 1.0 "
+          "--logging_steps 20 --save_steps 0.1 --push_to_hub",
+    "2.8b": "--learning_rate 5.0e-7 --beta 0.1 --per_device_train_batch_size 8 --gradient_accumulation_steps 2 "
+            "--num_train_epochs 3 --max_new_tokens 53 --warmup_ratio 0.1 --missing_eos_penalty 1.0 --bf16 "
+            "--logging_steps 20 --save_steps 0.1 --push_to_hub",
+    "6.9b": "--learning_rate 5.0e-7 --beta 0.1 --per_device_train_batch_size 4 --gradient_accumulation_steps 4 "
+            "--num_train_epochs 3 --max_new_tokens 53 --warmup_ratio 0.1 --missing_eos_penalty 1.0 --bf16 "
+            "--gradient_checkpointing --logging_steps 20 --save_steps 0.1 --push_to_hub",
+}
+
+
+@pytest.mark.parametrize("size", list(PYTHIA))
+def test_reference_pythia_commands_run(world, tmp_path, capsys, monkeypatch, size):
+    # The Hub is out of reach: point it at a closed local port so that the upload fails at once.
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # read at import
+    push, pushing = trainer_module.push_to_hub, []
+
+    def timed_push(*args):
+        started = time.perf_counter()
+        try:
+            push(*args)
+        finally:
+            pushing.append(time.perf_counter() - started)
+
+    monkeypatch.setattr(trainer_module, "push_to_hub", timed_push)
+    out = tmp_path / f"pythia-{size}-deduped-tldr-online-dpo"
+    argv = ["--model_name_or_path", world["neox"], "--reward_model_path", world["neox_rm"],
+            "--dataset_name", world["tldr"], "--output_dir", out, *PYTHIA[size].split(), "--max_steps", 2]
+    assert run(argv) == 1
+    last = error_lines(capsys)[-1]
+    assert last.startswith("error: --push_to_hub: upload to ") and f"the model is saved in {out}" in last
+    assert len(pushing) == 1 and pushing[0] < 30  # seconds, not minutes of retrying an absent Hub
+
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [2]  # --logging_steps 20: only the last step of a 2-step run
+    assert rows[0]["beta"] == pytest.approx(0.1) and "objective/scores" in rows[0]
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file()  # --save_steps 0.1 of 2 steps: every step
+    assert (out / "config.json").is_file() and (out / "README.md").is_file()
+    model = minidpo.load_model(str(out))
+    assert model.cfg.hf_config["architectures"] == ["GPTNeoXForCausalLM"]
+
+
+def test_help_lists_the_sections():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    for section in ("model & data:", "judge / reward:", "generation:", "optimisation:", "schedule:",
+                    "logging & checkpoints:", "hub:"):
+        assert section in result.stdout
+    assert "--reward_model_path" in result.stdout and "--objective" in result.stdout
