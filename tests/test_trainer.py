@@ -368,6 +368,20 @@ def test_completions_table(straight):
     assert any("<|im_start|>" not in t["prompt"] for t in table)
 
 
+def test_tensorboard_receives_the_logged_metrics(world, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert run(base(world, out, "--reward_funcs", "minidpo.judges:brevity", "--max_steps", 3,
+                    "--report_to", "tensorboard", "--run_name", "demo")) == 0
+    events = EventAccumulator(str(out / "runs" / "demo"))
+    events.Reload()
+    logged = metrics(out)
+    for name in ("objective/scores", "rewards/margins", "loss"):
+        assert [e.step for e in events.Scalars(name)] == [1, 2, 3]
+        assert [e.value for e in events.Scalars(name)] == pytest.approx([r[name] for r in logged])
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. The reward-model objective (Bradley-Terry) learns a marker word and saves a classifier
 # that transformers loads.
