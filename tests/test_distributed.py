@@ -14,37 +14,18 @@ import pytest
 import torch
 import transformers as T
 from safetensors.torch import load_file
-from tokenizers import AddedToken
-from tokenizers import Tokenizer as Backend
-from tokenizers import models, pre_tokenizers
 
 import minidpo
+from tiny_world import MODEL, VOCAB, WORDS, save_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "distributed_run.py"
 
-SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-WORDS = ("system user assistant the a cat dog sat on mat red blue green big small one two three four five six "
-         "seven eight nine ten good bad yes no hello world what is why how who you we they it and or but not very "
-         "short long answer question tell me about say write word day night sun moon tree water").split()
-VOCAB = {token: i for i, token in enumerate(SPECIALS + WORDS)}
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-MODEL = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, eos_token_id=VOCAB["<|im_end|>"],
-             pad_token_id=VOCAB["<pad>"], bos_token_id=None, tie_word_embeddings=False)
+MODEL = {**MODEL, "num_key_value_heads": 2}
 
 
 def save_with_tokenizer(model, path: Path) -> str:
-    model.save_pretrained(path)
-    backend = Backend(models.WordLevel(VOCAB, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    backend.save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<pad>",
-              "unk_token": "<unk>", "chat_template": CHATML}
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return str(path)
+    return str(save_model(path, model))
 
 
 @pytest.fixture(scope="module")
