@@ -1,0 +1,103 @@
+"""Talk to a model: `python -m minidpo.chat --model_name_or_path out/`.
+
+Reads one message per line from stdin (so it also works through a pipe), answers through the
+model's chat template with the whole conversation so far, and prints the reply as it is generated.
+`/clear` forgets the conversation, `/exit` (or end of input) quits.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from . import load_pretrained
+from .sampler import Sampler, sample
+
+
+class Chat:
+    def __init__(self, model, tokenizer, system=None, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=256,
+                 seed=None):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.temperature, self.top_p, self.top_k, self.max_new_tokens = temperature, top_p, top_k, max_new_tokens
+        self.sampler = Sampler(model)  # keeps its KV cache (and CUDA graph) from one turn to the next
+        device = model.embed.weight.device
+        self.generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        self.clear()
+
+    def clear(self):
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+    @torch.inference_mode()
+    def reply(self, message: str, out=sys.stdout) -> str:
+        """The model's answer to `message` after the conversation so far, written to `out` token by
+        token; both turns join the history."""
+        self.history.append({"role": "user", "content": message})
+        ids = self.tokenizer.apply_chat_template(self.history, add_generation_prompt=True, tokenize=True)
+        device = self.model.embed.weight.device
+        prompt = torch.tensor([ids], device=device)
+        # Sampler.generate returns only when the whole reply is done; to stream, drive its prefill
+        # and one-token decode steps here, one token at a time.
+        self.sampler.reserve(1, len(ids) + self.max_new_tokens)
+        new, shown = [], ""
+        with self.sampler.compute_dtype():
+            logits = self.sampler.prefill(prompt, torch.ones_like(prompt), 1)
+            for t in range(self.max_new_tokens):
+                token = sample(logits, self.temperature, self.top_k, self.top_p, generator=self.generator)
+                if token.item() in self.tokenizer.eos_token_ids:
+                    break
+                new.append(token.item())
+                # Decode everything so far, not the token alone: a byte-level token may be half of a
+                # character (decoded as U+FFFD until its other half comes), and a leading space may
+                # depend on the previous token.
+                text = self.tokenizer.decode(new)
+                if not text.endswith("\ufffd"):
+                    out.write(text[len(shown):])
+                    out.flush()
+                    shown = text
+                logits = self.sampler.decode(token, torch.tensor([len(ids) + t], device=device))
+        text = self.tokenizer.decode(new)
+        out.write(text[len(shown):] + "\n")
+        self.history.append({"role": "assistant", "content": text})
+        return text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a model (one message per line; /clear, /exit).")
+    p.add_argument("--model_name_or_path", default="offline:SmolLM2-135M-Instruct")
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0, help="0: off")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--system", help="a system message to start every conversation with")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        model, tokenizer = load_pretrained(args.model_name_or_path, device=args.device)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    chat = Chat(model.eval(), tokenizer, args.system, args.temperature, args.top_p, args.top_k,
+                args.max_new_tokens, args.seed)
+    interactive = sys.stdin.isatty()
+    print("Type a message; /clear starts over, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "").strip()
+        except (EOFError, KeyboardInterrupt):
+            return 0
+        if line == "/exit":
+            return 0
+        if line == "/clear":
+            chat.clear()
+            print("(history cleared)", file=sys.stderr)
+        elif line:
+            chat.reply(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
