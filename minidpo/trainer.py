@@ -92,7 +92,8 @@ class Trainer:
             if device.type == "cuda":  # size the cache for the longest sequence now: growing it recaptures graphs
                 with gathered(self.policy):
                     self.sampler.reserve(2 * cfg.per_device_train_batch_size, cfg.max_length)
-            # Every rank samples differently; a CPU generator keeps runs reproducible on any device.
+            # Each rank samples from its own seeded generator, saved in checkpoints so a resumed run
+            # draws the same completions as an uninterrupted one.
             self.generator = torch.Generator(device).manual_seed(cfg.seed + 1000 * self.dist.rank)
             self.preference = Preference(cfg, device)
             for scorer in self.preference.scorers:
