@@ -184,18 +184,11 @@ def child(args):
 
 # ---- the parent: runs the children in turn, prints the table ----
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
-
-
 def main():
     args = parse_args()
     if args.side:
         return child(args)
+    from generate import cpu_name  # bench/generate.py, beside this script; only the parent needs it
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         prompts_file = os.path.join(tmp, "prompts.jsonl")
         with open(PROMPTS) as f, open(prompts_file, "w") as out:
