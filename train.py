@@ -11,7 +11,7 @@ import sys
 
 from minidpo.config import parse_args
 from minidpo.distributed import shutdown
-from minidpo.tracking import print_error
+from minidpo.tracking import error_line, print_error
 
 
 def main(argv=None) -> int:
@@ -23,8 +23,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError, RuntimeError) as e:
         if os.environ.get("MINIDPO_DEBUG"):
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print_error(f"{message}  (MINIDPO_DEBUG=1 shows the traceback)")
+        print_error(f"{error_line(e)}  (MINIDPO_DEBUG=1 shows the traceback)")
         return 1
     finally:
         shutdown()

@@ -12,6 +12,7 @@ import torch
 
 from . import load_pretrained
 from .sampler import Sampler, sample
+from .tracking import error_line, print_error
 
 
 class Chat:
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     try:
         model, tokenizer = load_pretrained(args.model_name_or_path, device=args.device)
     except (ValueError, OSError, ImportError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print_error(error_line(e))
         return 1
     chat = Chat(model.eval(), tokenizer, args.system, args.temperature, args.top_p, args.top_k,
                 args.max_new_tokens, args.seed)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer, rope_inv_freq
+from .tracking import error_line
 
 FAMILIES = {
     "LlamaForCausalLM": "llama",
@@ -188,9 +189,8 @@ def resolve(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=name_or_path, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(
-            f"could not get {name_or_path!r} from the Hugging Face Hub or its cache: {first_line}"
+            f"could not get {name_or_path!r} from the Hugging Face Hub or its cache: {error_line(e)}"
         ) from None
 
 

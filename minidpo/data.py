@@ -12,6 +12,8 @@ import json
 import random
 from pathlib import Path
 
+from .tracking import error_line
+
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
@@ -116,9 +118,8 @@ def _download(repo_id: str, split: str, config: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns))
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(
-            f"could not get dataset {repo_id!r} from the Hugging Face Hub or its cache: {first_line}") from None
+            f"could not get dataset {repo_id!r} from the Hugging Face Hub or its cache: {error_line(e)}") from None
 
 
 def read_rows(path: Path) -> list[tuple[str, dict]]:

@@ -83,5 +83,11 @@ def progress_line(step: int, total: int, elapsed: float, metrics: dict) -> str:
     return " | ".join(parts)
 
 
+def error_line(e: BaseException) -> str:
+    """An exception as one line for the user: its message's first line, or its type if it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def print_error(message: str):
     print(f"error: {message}", file=sys.stderr)

@@ -38,7 +38,7 @@ from .model import last_token_scores
 from .loss import bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics, token_logprobs
 from .sampler import Sampler
 from .tokenizer import Tokenizer
-from .tracking import Tracker
+from .tracking import Tracker, error_line
 
 
 # Without a process group (one process), DCP warns at every save and load that it assumes one process:
@@ -336,8 +336,7 @@ class Trainer:
             # DCP wraps each rank's error in a CheckpointException, a BaseException: name the one inside.
             if isinstance(e, dcp.CheckpointException):
                 e = next(iter(e.failures.values()))[0]
-            raise ValueError(f"--resume_from_checkpoint: {path} is unreadable ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+            raise ValueError(f"--resume_from_checkpoint: {path} is unreadable ({error_line(e)})") from None
         set_state_dict(self.policy, self.optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(rng["torch"])
@@ -445,6 +444,5 @@ def push_to_hub(output_dir: Path, cfg: Config):
         api.upload_folder(repo_id=repo_id, folder_path=output_dir,
                           ignore_patterns=["checkpoint-*", ".*", "metrics.jsonl", "completions.jsonl", "runs/*"])
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainingError(f"--push_to_hub: upload to {repo_id!r} failed ({first}); "
+        raise TrainingError(f"--push_to_hub: upload to {repo_id!r} failed ({error_line(e)}); "
                             f"the model is saved in {output_dir}") from None
