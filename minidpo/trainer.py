@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from . import judges
-from .checkpoint import load_model, resolve, write_pretrained
+from .checkpoint import load_model, replace_dir, resolve, write_pretrained
 from .config import Config, interval
 from .data import PromptSampler, load_preferences, load_prompts
 from .distributed import all_reduce_sum, barrier, full_state_dict, gathered, init_distributed, shard
@@ -294,8 +294,7 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         barrier()
         if self.dist.is_main:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            replace_dir(tmp, final)
             self.prune_checkpoints()
         barrier()
 
