@@ -137,6 +137,14 @@ def online_dpo_metrics(logps, ref_logps, completion_mask, contain_eos, beta: flo
     return metrics
 
 
+def add_metrics(total: dict, metrics: dict) -> dict:
+    """Add {name: (sum, count)} into `total` in place (over micro-batches, steps), and return it."""
+    for name, (s, c) in metrics.items():
+        prev_s, prev_c = total.get(name, (0.0, 0.0))
+        total[name] = (prev_s + s, prev_c + c)
+    return total
+
+
 def metric_means(metrics) -> dict[str, float]:
     """{name: sum / count} as floats, after any cross-rank sum; metrics with count 0 are left out."""
     return {name: (s / c).item() for name, (s, c) in metrics.items() if c > 0}

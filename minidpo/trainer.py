@@ -35,7 +35,7 @@ from .config import Config, interval
 from .data import PromptSampler, load_preferences, load_prompts
 from .distributed import all_reduce_sum, barrier, full_state_dict, gathered, init_distributed, shard
 from .model import last_token_scores
-from .loss import bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics, token_logprobs
+from .loss import add_metrics, bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics, token_logprobs
 from .sampler import Sampler
 from .tokenizer import Tokenizer
 from .tracking import Tracker, error_line
@@ -138,11 +138,8 @@ class Trainer:
         batches = self.micro_batches()
         window, started = {}, time.perf_counter()
         while self.step < self.total_steps:
-            metrics = self.train_step(batches)
+            add_metrics(window, self.train_step(batches))
             self.step += 1
-            for name, (s, c) in metrics.items():
-                prev = window.get(name, (0.0, 0.0))
-                window[name] = (prev[0] + s, prev[1] + c)
             if self.step % log_every == 0 or self.step == self.total_steps or (cfg.logging_first_step and self.step == 1):
                 self.log(window, time.perf_counter() - started)
                 window, started = {}, time.perf_counter()
@@ -167,9 +164,7 @@ class Trainer:
             (loss / cfg.gradient_accumulation_steps).backward()
             micro_metrics["loss"] = (loss.detach(), torch.tensor(1.0, device=loss.device))
             micro_metrics["epoch"] = (torch.tensor(float(epoch), device=loss.device), micro_metrics["loss"][1])
-            for name, (s, c) in micro_metrics.items():
-                prev = metrics.get(name, (0.0, 0.0))
-                metrics[name] = (prev[0] + s, prev[1] + c)
+            add_metrics(metrics, micro_metrics)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):  # under FSDP: the norm over all shards, replicated on every rank
