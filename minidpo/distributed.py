@@ -7,6 +7,7 @@ Several nodes need nothing here: torchrun's own flags (--nnodes, --node_rank, --
 the environment that init_distributed reads.
 """
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,4 +121,8 @@ def barrier():
 
 def shutdown():
     if dist.is_initialized():
+        # Sharded models reach the process group through their DTensors, and reference cycles keep
+        # them alive until interpreter exit, when tearing down gloo's threads aborts the process
+        # (std::terminate, SIGABRT) after all the work is done. Collect them while it is safe.
+        gc.collect()
         dist.destroy_process_group()

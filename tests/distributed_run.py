@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 from minidpo.config import parse_args  # noqa: E402
 from minidpo.data import load_prompts  # noqa: E402
-from minidpo.distributed import all_reduce_sum, full_state_dict  # noqa: E402
+from minidpo.distributed import all_reduce_sum, full_state_dict, shutdown  # noqa: E402
 from minidpo.sampler import Completions  # noqa: E402
 from minidpo.trainer import Trainer  # noqa: E402
 
@@ -123,4 +123,7 @@ def runs(world, out):
 if __name__ == "__main__":
     mode, world, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     torch.set_num_threads(1)
-    {"equivalence": equivalence, "runs": runs}[mode](world, out)
+    try:
+        {"equivalence": equivalence, "runs": runs}[mode](world, out)
+    finally:
+        shutdown()
