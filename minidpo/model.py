@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .cpu import linear
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -92,6 +94,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose fp32 CPU products run through oneDNN (cpu.py); the same parameters."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -116,8 +125,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
-        self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
+        self.qkv = Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.out = Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
 
     def forward(self, x, cos, sin, mask, kv=None, slots=None):
         """x [B, T, hidden]; mask [B, 1, T, S] bool or None for plain causal; kv: this layer's
@@ -134,6 +143,12 @@ class Attention(nn.Module):
             k, v = kv
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+        elif T == 1 and x.device.type == "cpu":
+            # A CPU decode step: at one query per row the fused kernel's setup costs about twice the
+            # arithmetic, so spell it out. q [B, Hkv, group, D] against keys [B, Hkv, S, D].
+            q = q.reshape(B, Hkv, H // Hkv, D)
+            scores = (q @ k.transpose(-1, -2)).mul_(D**-0.5).masked_fill_(~mask, -math.inf)
+            y = scores.softmax(-1) @ v
         else:
             # With a mask, fused kernels reject enable_gqa and fall back to the slow math path.
             # Fold each KV group's query heads into the query axis instead ([B, Hkv, group*T, D]);
@@ -151,8 +166,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.activation]
         # Gated: one matmul yields [gate | up] side by side along the features.
         width = 2 * cfg.intermediate_size if cfg.gated_mlp else cfg.intermediate_size
-        self.up = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.up = Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         h = self.up(x)
@@ -213,9 +228,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = make_norm(cfg)
         if cfg.num_labels:
-            self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
+            self.score = Linear(cfg.hidden_size, cfg.num_labels, bias=False)
         elif not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Not in checkpoints: a model built on the meta device gets real values from the loader.
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         # Recompute each block's activations in backward instead of keeping them (--gradient_checkpointing).
@@ -258,7 +273,7 @@ class Transformer(nn.Module):
         if self.cfg.num_labels:
             return self.score(x)
         weight = self.embed.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, weight)
+        return linear(x, weight)
 
     def rope(self, positions):
         """cos and sin [B, 1, T, rotary_dim] in fp32 for integer positions [B, T]; apply_rope casts

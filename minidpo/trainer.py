@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from . import judges
 from .checkpoint import load_model, replace_dir, resolve, write_pretrained
 from .config import Config, interval
+from .cpu import keep_freed_memory
 from .data import PromptSampler, load_preferences, load_prompts
 from .distributed import all_reduce_sum, barrier, full_state_dict, gathered, init_distributed, shard
 from .model import last_token_scores
@@ -69,6 +70,8 @@ class Trainer:
         self.cfg = cfg
         self.dist = init_distributed()
         device = self.dist.device
+        if device.type == "cpu":
+            keep_freed_memory()  # each step's large tensors reuse the last step's pages (cpu.py)
         torch.manual_seed(cfg.seed)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
@@ -109,7 +112,7 @@ class Trainer:
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, self.total_steps))
         self.step = 0  # optimizer steps taken
