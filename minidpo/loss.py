@@ -1,4 +1,4 @@
-"""Log-probabilities, the online DPO / IPO losses, the Bradley-Terry reward-model loss, and metrics.
+"""The online DPO / IPO losses, the Bradley-Terry reward-model loss, and metrics (log-probabilities: logprobs.py).
 
 Row layout used throughout: a step has B prompts with two completions each; tensors over
 sequences hold the B chosen completions first, then the B rejected ones ([2B, ...]).
@@ -11,50 +11,6 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "ipo")
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log p(target) = logit[target] - logsumexp(logits), computed a few rows at a time.
-
-    Autograd on a chunked `logits.float().logsumexp(-1)` would keep every chunk's fp32 copy for
-    the backward pass, i.e. the whole [N, C, V] in fp32 after all. Here forward keeps only the
-    logits themselves and the logsumexp [N, C]; backward rebuilds softmax one chunk at a time.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, rows):
-        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-        out = torch.empty_like(lse)
-        for i in range(0, len(logits), rows):
-            chunk = logits[i : i + rows].float()
-            lse[i : i + rows] = chunk.logsumexp(-1)
-            out[i : i + rows] = chunk.gather(-1, targets[i : i + rows, :, None]).squeeze(-1) - lse[i : i + rows]
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.rows = rows
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        # d log p(t) / d logit_v = 1[v == t] - softmax(logits)_v
-        logits, targets, lse = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
-        for i in range(0, len(logits), ctx.rows):
-            g = grad[i : i + ctx.rows, :, None]
-            softmax = (logits[i : i + ctx.rows].float() - lse[i : i + ctx.rows, :, None]).exp()
-            grad_logits[i : i + ctx.rows] = (-g * softmax).scatter_add_(-1, targets[i : i + ctx.rows, :, None], g)
-        return grad_logits, None, None
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
-    """log p(targets) [N, C] in fp32 from logits [N, C, V] (any float dtype) and targets [N, C].
-
-    Rows are processed in chunks whose fp32 copy stays under chunk_bytes (at least one row), so
-    memory beyond the logits and their gradient is O(chunk * C * V). Targets must be valid token
-    ids everywhere (put the pad id, not -100, at padding; the caller masks those positions).
-    """
-    C, V = logits.shape[1:]
-    rows = max(1, chunk_bytes // (C * V * 4))
-    return _TokenLogprobs.apply(logits, targets, rows)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type="sigmoid",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .cpu import linear
+from .logprobs import token_logprobs
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -92,6 +93,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+def recompute_in_backward(fn, x):
+    """fn(x), keeping only x for backward and running fn again there. For the norms and the gated
+    activation: elementwise steps that take a few percent of a step's time but whose intermediate
+    results (a norm keeps two copies of its input, SwiGLU one of half its input) are about a
+    quarter of the activations a training forward pass keeps."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return checkpoint(fn, x, use_reentrant=False)
+    return fn(x)
 
 
 class Linear(nn.Linear):
@@ -172,9 +183,12 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.up(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.down(self.act(gate) * up)
+            return self.down(recompute_in_backward(self.gated_activation, h))
         return self.down(self.act(h))
+
+    def gated_activation(self, h):
+        gate, up = h.chunk(2, dim=-1)
+        return self.act(gate) * up
 
 
 class Block(nn.Module):
@@ -185,11 +199,11 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
 
     def forward(self, x, cos, sin, mask, kv=None, slots=None):
-        attn = self.attn(self.attn_norm(x), cos, sin, mask, kv, slots)
+        attn = self.attn(recompute_in_backward(self.attn_norm, x), cos, sin, mask, kv, slots)
         if self.parallel_residual:
-            return x + attn + self.mlp(self.mlp_norm(x))
+            return x + attn + self.mlp(recompute_in_backward(self.mlp_norm, x))
         x = x + attn
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(recompute_in_backward(self.mlp_norm, x))
 
 
 class KVCache:
@@ -236,16 +250,23 @@ class Transformer(nn.Module):
         # Recompute each block's activations in backward instead of keeping them (--gradient_checkpointing).
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, slots=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, slots=None, logits_to_keep=0,
+                positions=None, targets=None):
         """Logits [B, T, vocab] (a reward model: [B, T, num_labels]).
 
         input_ids [B, T]; attention_mask [B, T] with 0 at padding (None: no padding).
         With a cache, the T tokens are written at cache columns `slots` (a LongTensor [T]) and
-        attend to every valid earlier column. logits_to_keep > 0 projects only the last positions
-        (the sampler needs one; the full [B, T, vocab] would dwarf the rest of a prefill).
+        attend to every valid earlier column. logits_to_keep: an int k > 0 projects only the last
+        k positions (the sampler needs one; the full [B, T, vocab] would dwarf the rest of a
+        prefill), a LongTensor [K] projects those positions of every row.
+        A packed batch (packing.py) gives `positions` [B, T] and, as attention_mask, which keys
+        each query sees [B, T, T] (bool). With targets [B, K] (K: the positions kept) it returns
+        log p(targets) [B, K] in fp32 instead of logits, never holding them whole (logprobs.py).
         """
         B, T = input_ids.shape
-        if cache is not None:
+        if positions is not None:
+            mask = attention_mask[:, None]
+        elif cache is not None:
             new_valid = attention_mask.bool() if attention_mask is not None else True
             cache.valid[:, slots] = new_valid
             positions = cache.valid.cumsum(-1).index_select(1, slots) - 1
@@ -265,15 +286,15 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, kv, slots, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv, slots)
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[:, logits_to_keep]
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.head(self.norm(x))
-
-    def head(self, x):
+        x = self.norm(x)
         if self.cfg.num_labels:
             return self.score(x)
         weight = self.embed.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return linear(x, weight)
+        return linear(x, weight) if targets is None else token_logprobs(x, weight, targets)
 
     def rope(self, positions):
         """cos and sin [B, 1, T, rotary_dim] in fp32 for integer positions [B, T]; apply_rope casts

@@ -36,7 +36,8 @@ from .cpu import keep_freed_memory
 from .data import PromptSampler, load_preferences, load_prompts
 from .distributed import all_reduce_sum, barrier, full_state_dict, gathered, init_distributed, shard
 from .model import last_token_scores
-from .loss import add_metrics, bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics, token_logprobs
+from .packing import pack_pairs
+from .loss import add_metrics, bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics
 from .sampler import Sampler
 from .tokenizer import Tokenizer
 from .tracking import Tracker, error_line
@@ -207,18 +208,18 @@ class Trainer:
         chosen_rows, rejected_rows = chosen_rows.to(device), rejected_rows.to(device)
         order = torch.cat([chosen_rows, rejected_rows])  # [2B]: the B chosen, then the B rejected
 
-        # 3. Log-probs of the completion tokens. logits_to_keep = C + 1: the last prompt position
-        # predicts the first completion token, and the last one predicts nothing we need.
+        # 3. Log-probs of the completion tokens, each prompt once with its two completions (packing.py).
         completion_ids, completion_mask = out.ids[order], out.mask[order]
-        input_ids = torch.cat([prompt_ids.to(device).repeat(2, 1), completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask.to(device).repeat(2, 1), completion_mask], dim=1)
-        C = completion_ids.shape[1]
+        pairs = pack_pairs(prompt_ids.to(device), prompt_mask.to(device), completion_ids[:B], completion_ids[B:])
+        inputs = dict(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask, positions=pairs.positions,
+                      logits_to_keep=pairs.predicting)  # with targets: log-probs, never the full logits
         with self.autocast:
-            logits = self.policy(input_ids, attention_mask, logits_to_keep=C + 1)
-            logps = token_logprobs(logits[:, :-1], completion_ids)
+            # The reference first: its passing tensors are freed before the policy's activations pile up.
             with torch.no_grad():
-                ref_logits = self.reference(input_ids, attention_mask, logits_to_keep=C + 1)
-                ref_logps = token_logprobs(ref_logits[:, :-1], completion_ids)
+                ref_logps = self.reference(**inputs, targets=pairs.targets)
+            logps = self.policy(**inputs, targets=pairs.targets)
+        # [B, 2C] (chosen | rejected) -> [2B, C] (chosen rows, then rejected rows)
+        logps, ref_logps = torch.cat(logps.chunk(2, dim=1)), torch.cat(ref_logps.chunk(2, dim=1))
         mask = completion_mask.float()
         seq, ref_seq = (logps * mask).sum(1), (ref_logps * mask).sum(1)
 

@@ -2,43 +2,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from minidpo.loss import bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics, token_logprobs
+from minidpo.loss import bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics
 
 
 def sigmoid(x):
     return 1 / (1 + math.exp(-x))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows_per_chunk", [1, 2, 5])  # 5 rows: 1 -> 5 chunks, 2 -> 2 + 2 + 1, 5 -> one chunk
-def test_token_logprobs_matches_log_softmax(dtype, rows_per_chunk):
-    torch.manual_seed(0)
-    N, C, V = 5, 3, 11
-    # a slice with a stride, as the trainer passes logits[:, :-1]
-    base = (3 * torch.randn(N, C + 1, V)).to(dtype).requires_grad_()
-    targets = torch.randint(V, (N, C))
-    weights = torch.randn(N, C)
-
-    got = token_logprobs(base[:, :-1], targets, chunk_bytes=rows_per_chunk * C * V * 4)
-    (got * weights).sum().backward()
-    got_grad, base.grad = base.grad, None
-
-    want = F.log_softmax(base[:, :-1].float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-    (want * weights).sum().backward()
-
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got_grad, base.grad, rtol=1e-6, atol=1e-6)
-    assert got_grad[:, -1].abs().sum() == 0
-
-
-def test_token_logprobs_without_grad():
-    logits = torch.tensor([[[0.0, math.log(3.0)]]])
-    with torch.no_grad():
-        got = token_logprobs(logits, torch.tensor([[1]]))
-    assert got.item() == pytest.approx(math.log(3 / 4))
 
 
 # Two pairs: per-sequence log-prob sums of the policy and the reference.
