@@ -4,18 +4,23 @@ The job: the policy SmolLM2-135M-Instruct (offline import, fp32, a frozen fp32 c
 reference), the first --batch prompts of minidpo/prompts.jsonl (conversational) as the whole
 dataset, so every step of both sides sees the same prompts; 2 completions per prompt of at most
 --new-tokens tokens (neither trainer has a min_new_tokens: both stop at EOS, or when every row has
-finished), temperature 0.9, top-k 0, top-p 1.0; max_length the same on both sides; the reward
-`brevity` below (minidpo.judges:brevity on the completion's text) plus missing_eos_penalty 1.0;
-sigmoid loss, beta 0.1, AdamW lr 1e-6, linear schedule, grad-norm clip 1.0, no gradient
-checkpointing, no bf16, no accumulation.
+finished), temperature 0.9, top-k 0, top-p 1.0; max_length the same on both sides; the reward:
+with --reward model (the default) a reward model, the same SmolLM2 with a one-output score head
+(seeded random init) saved as an HF LlamaForSequenceClassification, each side scoring the chat
+rendered with its tokenizer; with --reward brevity, `brevity` below (minidpo.judges:brevity on
+the completion's text); plus missing_eos_penalty 1.0 either way; sigmoid loss, beta 0.1, AdamW
+lr 1e-6, linear schedule, grad-norm clip 1.0, no gradient checkpointing, no bf16, no accumulation.
 
 Each side runs in its own subprocess (one after the other, never at once), so that its peak
 memory (VmHWM, the process's resident high-water mark: both models, AdamW state, activations,
 the libraries it imports) is its own. Each subprocess takes one warm-up step, then --steps timed
 steps; --rounds alternates the two sides that many times, and the table gives medians over all
-timed steps. minidpo's step is split by wrapping its sampler and its preference (scoring) step;
-the policy's and the reference's forward passes (log-probs) and the AdamW step likewise; the rest is
-decoding the completions, log-softmax, loss, backward and clipping.
+timed steps. Each side's step is split by wrapping its own functions: generation (its forward
+passes included), scoring (reward), the policy's and the reference's log-prob passes, and the
+AdamW step; the rest is decoding and tokenising, the loss, backward and clipping.
+
+--trl-keep-freed-memory gives TRL's process the glibc setting minidpo's trainer makes on CPU
+(minidpo.cpu.keep_freed_memory): the difference it makes to TRL is the setting's share of the gap.
 
     pip install trl==1.16.0          # the anchor (keeps the installed torch)
     python bench/train_step.py --json
@@ -44,6 +49,43 @@ def brevity(prompts, completions, **kwargs):
     return rule(prompts, texts, **kwargs)
 
 
+def make_reward_model(out_dir):
+    """The policy's checkpoint as a LlamaForSequenceClassification with a fresh one-output head."""
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from minidpo.checkpoint import resolve
+
+    transformers.logging.set_verbosity_error()  # its report on the new, untrained score head
+    path = str(resolve(MODEL))
+    torch.manual_seed(SEED)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def timing(parts, name, fn, busy):
+    """fn, adding its seconds to parts[name]; calls made while another timed function runs (busy[0])
+    count for that one (a generation's own forward passes are generation, not policy forward)."""
+    def wrapper(*a, **kw):
+        if busy[0]:
+            return fn(*a, **kw)
+        busy[0] = True
+        start = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            busy[0] = False
+            parts[name] += time.perf_counter() - start
+    return wrapper
+
+
+PARTS = ("generate", "score", "policy_forward", "reference_forward", "optimizer")
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=4, help="prompts per step (2 completions each)")
@@ -52,9 +94,14 @@ def parse_args():
     p.add_argument("--steps", type=int, default=3, help="timed steps per subprocess, after one warm-up step")
     p.add_argument("--rounds", type=int, default=2, help="times each side runs, alternating")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--reward", choices=["model", "brevity"], default="model",
+                   help="a reward model (SmolLM2 with a score head) or the brevity rule")
+    p.add_argument("--trl-keep-freed-memory", action="store_true",
+                   help="apply minidpo's glibc setting (cpu.keep_freed_memory) to TRL's process too")
     p.add_argument("--json", action="store_true", help="end with one line of JSON")
     p.add_argument("--side", choices=["minidpo", "trl"], help=argparse.SUPPRESS)  # a child process
     p.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    p.add_argument("--reward-model", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -72,9 +119,11 @@ def run_minidpo(args, workdir):
     from minidpo.trainer import Trainer
 
     torch.set_num_threads(args.threads)
+    reward = (["--reward_model_path", args.reward_model] if args.reward_model
+              else ["--reward_funcs", f"{os.path.abspath(__file__)}:brevity"])
     cfg = minidpo_args([
         "--model_name_or_path", MODEL, "--dataset_name", args.prompts_file, "--output_dir", workdir,
-        "--reward_funcs", f"{os.path.abspath(__file__)}:brevity", "--missing_eos_penalty", str(EOS_PENALTY),
+        *reward, "--missing_eos_penalty", str(EOS_PENALTY),
         "--per_device_train_batch_size", str(args.batch), "--max_new_tokens", str(args.new_tokens),
         "--max_length", str(args.max_length), "--temperature", str(TEMPERATURE), "--beta", str(BETA),
         "--learning_rate", str(LR), "--lr_scheduler_type", "linear", "--max_grad_norm", "1.0",
@@ -82,37 +131,23 @@ def run_minidpo(args, workdir):
         "--gradient_checkpointing", "false", "--save_steps", "0"])
     trainer = Trainer(cfg)
 
-    names = ("generate", "score", "policy_forward", "reference_forward", "optimizer")
-    parts = dict.fromkeys(names, 0.0)
-    tokens = []
+    parts, busy, tokens = dict.fromkeys(PARTS, 0.0), [False], []
+    generate = trainer.sampler.generate
 
-    sampling = [False]  # the sampler's own forward passes count as generation, not as policy_forward
+    def counted(*a, **kw):
+        out = generate(*a, **kw)
+        tokens.append(out.mask.sum().item() / out.mask.shape[0])
+        return out
 
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            if sampling[0]:
-                return fn(*a, **kw)
-            sampling[0] = name == "generate"
-            start = time.perf_counter()
-            try:
-                out = fn(*a, **kw)
-            finally:
-                sampling[0] = False
-            parts[name] += time.perf_counter() - start
-            if name == "generate":
-                tokens.append(out.mask.sum().item() / out.mask.shape[0])
-            return out
-        return wrapper
-
-    trainer.sampler.generate = timed("generate", trainer.sampler.generate)
-    trainer.preference = timed("score", trainer.preference)
-    trainer.policy.forward = timed("policy_forward", trainer.policy.forward)
-    trainer.reference.forward = timed("reference_forward", trainer.reference.forward)
-    trainer.optimizer.step = timed("optimizer", trainer.optimizer.step)
+    trainer.sampler.generate = timing(parts, "generate", counted, busy)
+    trainer.preference = timing(parts, "score", trainer.preference, busy)
+    trainer.policy.forward = timing(parts, "policy_forward", trainer.policy.forward, busy)
+    trainer.reference.forward = timing(parts, "reference_forward", trainer.reference.forward, busy)
+    trainer.optimizer.step = timing(parts, "optimizer", trainer.optimizer.step, busy)
     batches = trainer.micro_batches()
     steps, breakdown = [], []
     for i in range(args.steps + 1):
-        parts.update(dict.fromkeys(names, 0.0))
+        parts.update(dict.fromkeys(PARTS, 0.0))
         start = time.perf_counter()
         trainer.train_step(batches)
         trainer.step += 1
@@ -134,6 +169,9 @@ def run_trl(args, workdir):
 
     from minidpo.checkpoint import resolve
 
+    if args.trl_keep_freed_memory:
+        from minidpo.cpu import keep_freed_memory
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     path = str(resolve(MODEL))
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -147,33 +185,44 @@ def run_trl(args, workdir):
         max_steps=args.steps + 1, seed=SEED, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
         report_to=[], save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0)
 
+    parts, busy, tokens = dict.fromkeys(PARTS, 0.0), [False], []
+
     class StepTimes(TrainerCallback):
         def __init__(self):
-            self.steps, self.start = [], None
+            self.steps, self.breakdown, self.start = [], [], None
 
         def on_step_begin(self, *a, **kw):
+            parts.update(dict.fromkeys(PARTS, 0.0))
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **kw):
-            self.steps.append(time.perf_counter() - self.start)
+            seconds = time.perf_counter() - self.start
+            self.steps.append(seconds)
+            self.breakdown.append({**parts, "rest": seconds - sum(parts.values())})
 
     times = StepTimes()
-    trainer = OnlineDPOTrainer(model=model, reward_funcs=brevity, args=config, processing_class=tokenizer,
-                               train_dataset=Dataset.from_list(rows), callbacks=[times])
-    tokens = []
-    generate = trainer._generate
+    reward = dict(reward_funcs=args.reward_model, reward_processing_classes=AutoTokenizer.from_pretrained(
+        args.reward_model)) if args.reward_model else dict(reward_funcs=brevity)
+    trainer = OnlineDPOTrainer(model=model, args=config, processing_class=tokenizer,
+                               train_dataset=Dataset.from_list(rows), callbacks=[times], **reward)
+    generate, forward = trainer._generate, trainer._forward
 
     def counted(*a, **kw):
         out = generate(*a, **kw)
         tokens.append(out[3].sum().item() / out[3].shape[0])  # completion_mask
         return out
 
-    trainer._generate = counted
+    trainer._generate = timing(parts, "generate", counted, busy)
+    trainer._calculate_rewards_from_functions = timing(parts, "score", trainer._calculate_rewards_from_functions, busy)
+    timed_forward = {name: timing(parts, name, forward, busy) for name in ("policy_forward", "reference_forward")}
+    trainer._forward = lambda model, *a, **kw: timed_forward[
+        "reference_forward" if model is trainer.ref_model else "policy_forward"](model, *a, **kw)
+    torch.optim.AdamW.step = timing(parts, "optimizer", torch.optim.AdamW.step, busy)  # created inside train()
     trainer.train()
     assert len(times.steps) == args.steps + 1, times.steps
-    return {"steps": times.steps[1:], "tokens": tokens[1:], "peak_mb": peak_rss_mb(),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "trl": trl.__version__}}
+    return {"steps": times.steps[1:], "breakdown": times.breakdown[1:], "tokens": tokens[1:],
+            "peak_mb": peak_rss_mb(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                                   "trl": trl.__version__}}
 
 
 def child(args):
@@ -193,12 +242,17 @@ def main():
         prompts_file = os.path.join(tmp, "prompts.jsonl")
         with open(PROMPTS) as f, open(prompts_file, "w") as out:
             out.writelines([line for line in f if line.strip()][: args.batch])
+        common = ["--prompts-file", prompts_file, "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
+                  "--max-length", str(args.max_length), "--steps", str(args.steps), "--threads", str(args.threads)]
+        if args.reward == "model":
+            make_reward_model(os.path.join(tmp, "reward-model"))
+            common += ["--reward-model", os.path.join(tmp, "reward-model")]
+        if args.trl_keep_freed_memory:
+            common.append("--trl-keep-freed-memory")
         runs = {"minidpo": [], "trl": []}
         for _ in range(args.rounds):
             for side in runs:
-                cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--prompts-file", prompts_file,
-                       "--batch", str(args.batch), "--new-tokens", str(args.new_tokens), "--max-length",
-                       str(args.max_length), "--steps", str(args.steps), "--threads", str(args.threads)]
+                cmd = [sys.executable, os.path.abspath(__file__), "--side", side, *common]
                 env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode:
@@ -210,34 +264,40 @@ def main():
     res = {}
     for side, rs in runs.items():
         steps = [s for r in rs for s in r["steps"]]
+        parts = [b for r in rs for b in r["breakdown"]]
         res[side] = {"s_per_step": statistics.median(steps), "min": min(steps), "max": max(steps),
                      "peak_mb": max(r["peak_mb"] for r in rs),
-                     "tokens": statistics.mean(t for r in rs for t in r["tokens"])}
-    parts = [b for r in runs["minidpo"] for b in r["breakdown"]]
-    breakdown = {k: statistics.median(b[k] for b in parts) for k in parts[0]}
+                     "tokens": statistics.mean(t for r in rs for t in r["tokens"]),
+                     "breakdown": {k: statistics.median(b[k] for b in parts) for k in parts[0]}}
     versions = {**runs["trl"][0]["versions"], "python": platform.python_version()}
     ratio = res["minidpo"]["s_per_step"] / res["trl"]["s_per_step"]
     mem_ratio = res["minidpo"]["peak_mb"] / res["trl"]["peak_mb"]
-    n = len(parts)
+    n = args.rounds * args.steps
 
+    reward = "reward model (SmolLM2 + score head)" if args.reward == "model" else "brevity rule"
     print(f"model {MODEL} fp32 | cpu ({cpu_name()}) | threads {args.threads} | "
           + " | ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"{args.batch} prompts x 2 completions x <= {args.new_tokens} new tokens, max_length {args.max_length}, "
-          f"temperature {TEMPERATURE}; medians of {n} steps ({args.rounds} rounds x {args.steps}, 1 warm-up each)")
+          f"temperature {TEMPERATURE}, {reward}; medians of {n} steps ({args.rounds} rounds x {args.steps}, "
+          f"1 warm-up each)" + ("; TRL with minidpo's glibc setting" if args.trl_keep_freed_memory else ""))
     print(f"{'':10}{'s/step':>8}{'min':>7}{'max':>7}{'peak MB':>9}{'tokens/completion':>19}")
     for side, r in res.items():
         print(f"{side:10}{r['s_per_step']:8.2f}{r['min']:7.2f}{r['max']:7.2f}{r['peak_mb']:9.0f}{r['tokens']:19.1f}")
     print(f"minidpo / TRL: {ratio:.2f}x time per step, {mem_ratio:.2f}x peak memory")
-    print("minidpo step: " + ", ".join(f"{k} {v:.2f} s" for k, v in breakdown.items()))
+    print("seconds (share of the step):")
+    print(f"{'':10}" + "".join(f"{k:>20}" for k in res["minidpo"]["breakdown"]))
+    for side, r in res.items():
+        print(f"{side:10}" + "".join(f"{v:11.2f} ({v / r['s_per_step']:4.0%})" for v in r["breakdown"].values()))
     if args.json:
         print(json.dumps({
             "minidpo_s_per_step": res["minidpo"]["s_per_step"], "trl_s_per_step": res["trl"]["s_per_step"],
             "ratio": ratio, "minidpo_peak_mb": res["minidpo"]["peak_mb"], "trl_peak_mb": res["trl"]["peak_mb"],
-            "peak_ratio": mem_ratio, "minidpo_breakdown_s": breakdown,
+            "peak_ratio": mem_ratio, "minidpo_breakdown_s": res["minidpo"]["breakdown"],
+            "trl_breakdown_s": res["trl"]["breakdown"],
             "minidpo_tokens_per_completion": res["minidpo"]["tokens"], "trl_tokens_per_completion": res["trl"]["tokens"],
             "batch": args.batch, "max_new_tokens": args.new_tokens, "max_length": args.max_length,
-            "temperature": TEMPERATURE, "threads": args.threads, "steps": n, "model": MODEL,
-            "device_name": cpu_name(), **versions,
+            "temperature": TEMPERATURE, "reward": args.reward, "trl_keep_freed_memory": args.trl_keep_freed_memory,
+            "threads": args.threads, "steps": n, "model": MODEL, "device_name": cpu_name(), **versions,
         }))
 
 
