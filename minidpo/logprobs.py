@@ -54,8 +54,9 @@ class _TokenLogprobs(torch.autograd.Function):
             grad_logits.scatter_add_(-1, targets[i : i + ctx.rows, None], g)
             grad_logits = grad_logits.to(h.dtype)
             grad_hidden[i : i + ctx.rows] = linear(grad_logits, weight.t())
-            part = linear(grad_logits.t(), h.t()).to(weight.dtype)  # [vocab, hidden]
-            grad_weight = part if grad_weight is None else grad_weight.add_(part)
+            if ctx.needs_input_grad[1]:
+                part = linear(grad_logits.t(), h.t()).to(weight.dtype)  # [vocab, hidden]
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
         return grad_hidden, grad_weight, None, None
 
 
@@ -65,8 +66,8 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     the output embedding `weight` [vocab, hidden] and targets [...] (valid token ids everywhere:
     put the pad id at padding and mask those positions afterwards).
 
-    Rows go chunk_bytes of fp32 logits at a time (at least one row). The default keeps each chunk
-    under glibc's mmap threshold, so CPU chunks reuse freed heap memory instead of fresh pages.
+    Rows go chunk_bytes of fp32 logits at a time (at least one row): beyond what it is given and
+    returns, it holds one chunk's logits, and in backward also the weight's gradient.
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows = max(1, chunk_bytes // (weight.shape[0] * 4))
