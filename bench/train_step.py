@@ -22,8 +22,14 @@ AdamW step; the rest is decoding and tokenising, the loss, backward and clipping
 --trl-keep-freed-memory gives TRL's process the glibc setting minidpo's trainer makes on CPU
 (minidpo.cpu.keep_freed_memory): the difference it makes to TRL is the setting's share of the gap.
 
+Both sides use the GPU when there is one. --shape replaces SmolLM2 by random weights of another
+shape with SmolLM2's tokenizer (--tokenizer: a directory holding its files, where the offline
+model cannot be imported), --bf16 runs both under bf16 autocast over fp32 weights; peak GPU
+memory (torch.cuda.max_memory_allocated) is then the memory compared.
+
     pip install trl==1.16.0          # the anchor (keeps the installed torch)
     python bench/train_step.py --json
+    python bench/train_step.py --shape qwen2-0.5b --bf16 --tokenizer DIR --json   # on a GPU
 """
 
 import argparse
@@ -37,6 +43,13 @@ import tempfile
 import time
 
 MODEL = "offline:SmolLM2-135M-Instruct"
+# --shape: random weights of these shapes, with SmolLM2's tokenizer and 49152-token vocabulary.
+SHAPES = {
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2),
+    "qwen2-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2),  # to try the script in seconds
+}
 PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "minidpo", "prompts.jsonl")
 TEMPERATURE, BETA, LR, SEED, EOS_PENALTY = 0.9, 0.1, 1e-6, 42, 1.0
 
@@ -49,8 +62,8 @@ def brevity(prompts, completions, **kwargs):
     return rule(prompts, texts, **kwargs)
 
 
-def make_reward_model(out_dir):
-    """The policy's checkpoint as a LlamaForSequenceClassification with a fresh one-output head."""
+def make_models(args, tmp):
+    """(policy directory, reward model directory or None) in the HF layout, written under tmp."""
     import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -58,13 +71,33 @@ def make_reward_model(out_dir):
     from minidpo.checkpoint import resolve
 
     transformers.logging.set_verbosity_error()  # its report on the new, untrained score head
-    path = str(resolve(MODEL))
     torch.manual_seed(SEED)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(resolve(MODEL)))
+    if not args.shape:
+        policy = str(resolve(MODEL))
+    else:
+        policy = os.path.join(tmp, args.shape)
+        config = transformers.Qwen2Config(**SHAPES[args.shape], vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                          max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        transformers.Qwen2ForCausalLM(config).save_pretrained(policy)
+        tokenizer.save_pretrained(policy)
+    if args.reward != "model":
+        return policy, None
+    reward = os.path.join(tmp, "reward-model")
+    model = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(reward)
+    tokenizer.save_pretrained(reward)
+    return policy, reward
+
+
+def now():
+    """time.perf_counter() once the GPU, if any, has finished what it was given."""
+    import torch
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def timing(parts, name, fn, busy):
@@ -74,13 +107,22 @@ def timing(parts, name, fn, busy):
         if busy[0]:
             return fn(*a, **kw)
         busy[0] = True
-        start = time.perf_counter()
+        start = now()
         try:
             return fn(*a, **kw)
         finally:
             busy[0] = False
-            parts[name] += time.perf_counter() - start
+            parts[name] += now() - start
     return wrapper
+
+
+def peaks():
+    """Peak memory in MB: the process's resident high-water mark, and the GPU's when one was used."""
+    import torch
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
+    return {"peak_mb": kb / 1024, "gpu_peak_mb": gpu}
 
 
 PARTS = ("generate", "score", "policy_forward", "reference_forward", "optimizer")
@@ -95,20 +137,18 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=2, help="times each side runs, alternating")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--reward", choices=["model", "brevity"], default="model",
-                   help="a reward model (SmolLM2 with a score head) or the brevity rule")
+                   help="a reward model (the policy's checkpoint with a score head) or the brevity rule")
+    p.add_argument("--shape", choices=list(SHAPES), help="random weights of this shape instead of SmolLM2")
+    p.add_argument("--tokenizer", help="a directory with SmolLM2's tokenizer files (default: the offline model's)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights, both sides (--bf16 / bf16=True)")
     p.add_argument("--trl-keep-freed-memory", action="store_true",
                    help="apply minidpo's glibc setting (cpu.keep_freed_memory) to TRL's process too")
     p.add_argument("--json", action="store_true", help="end with one line of JSON")
     p.add_argument("--side", choices=["minidpo", "trl"], help=argparse.SUPPRESS)  # a child process
     p.add_argument("--prompts-file", help=argparse.SUPPRESS)
     p.add_argument("--reward-model", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
     return p.parse_args()
-
-
-def peak_rss_mb():
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kb / 1024
 
 
 # ---- the children: one side each, printing one JSON line ----
@@ -122,12 +162,12 @@ def run_minidpo(args, workdir):
     reward = (["--reward_model_path", args.reward_model] if args.reward_model
               else ["--reward_funcs", f"{os.path.abspath(__file__)}:brevity"])
     cfg = minidpo_args([
-        "--model_name_or_path", MODEL, "--dataset_name", args.prompts_file, "--output_dir", workdir,
+        "--model_name_or_path", args.model_dir, "--dataset_name", args.prompts_file, "--output_dir", workdir,
         *reward, "--missing_eos_penalty", str(EOS_PENALTY),
         "--per_device_train_batch_size", str(args.batch), "--max_new_tokens", str(args.new_tokens),
         "--max_length", str(args.max_length), "--temperature", str(TEMPERATURE), "--beta", str(BETA),
         "--learning_rate", str(LR), "--lr_scheduler_type", "linear", "--max_grad_norm", "1.0",
-        "--max_steps", str(args.steps + 1), "--seed", str(SEED), "--bf16", "false",
+        "--max_steps", str(args.steps + 1), "--seed", str(SEED), "--bf16", str(args.bf16).lower(),
         "--gradient_checkpointing", "false", "--save_steps", "0"])
     trainer = Trainer(cfg)
 
@@ -148,14 +188,14 @@ def run_minidpo(args, workdir):
     steps, breakdown = [], []
     for i in range(args.steps + 1):
         parts.update(dict.fromkeys(PARTS, 0.0))
-        start = time.perf_counter()
+        start = now()
         trainer.train_step(batches)
         trainer.step += 1
-        seconds = time.perf_counter() - start
+        seconds = now() - start
         if i:  # step 0 is the warm-up
             steps.append(seconds)
             breakdown.append({**parts, "rest": seconds - sum(parts.values())})
-    return {"steps": steps, "breakdown": breakdown, "tokens": tokens[1:], "peak_mb": peak_rss_mb(),
+    return {"steps": steps, "breakdown": breakdown, "tokens": tokens[1:], **peaks(),
             "versions": {"torch": torch.__version__}}
 
 
@@ -167,22 +207,20 @@ def run_trl(args, workdir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from minidpo.checkpoint import resolve
-
     if args.trl_keep_freed_memory:
         from minidpo.cpu import keep_freed_memory
         keep_freed_memory()
     torch.set_num_threads(args.threads)
-    path = str(resolve(MODEL))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     with open(args.prompts_file) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     config = OnlineDPOConfig(
         output_dir=workdir, per_device_train_batch_size=args.batch, max_new_tokens=args.new_tokens,
         max_length=args.max_length, temperature=TEMPERATURE, top_k=0, top_p=1.0, beta=BETA,
         missing_eos_penalty=EOS_PENALTY, learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0,
-        max_steps=args.steps + 1, seed=SEED, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        max_steps=args.steps + 1, seed=SEED, bf16=args.bf16, fp16=False, gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
         report_to=[], save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0)
 
     parts, busy, tokens = dict.fromkeys(PARTS, 0.0), [False], []
@@ -193,10 +231,10 @@ def run_trl(args, workdir):
 
         def on_step_begin(self, *a, **kw):
             parts.update(dict.fromkeys(PARTS, 0.0))
-            self.start = time.perf_counter()
+            self.start = now()
 
         def on_step_end(self, *a, **kw):
-            seconds = time.perf_counter() - self.start
+            seconds = now() - self.start
             self.steps.append(seconds)
             self.breakdown.append({**parts, "rest": seconds - sum(parts.values())})
 
@@ -221,7 +259,7 @@ def run_trl(args, workdir):
     trainer.train()
     assert len(times.steps) == args.steps + 1, times.steps
     return {"steps": times.steps[1:], "breakdown": times.breakdown[1:], "tokens": tokens[1:],
-            "peak_mb": peak_rss_mb(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+            **peaks(), "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                                    "trl": trl.__version__}}
 
 
@@ -237,18 +275,19 @@ def main():
     args = parse_args()
     if args.side:
         return child(args)
+    import torch
     from generate import cpu_name  # bench/generate.py, beside this script; only the parent needs it
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         prompts_file = os.path.join(tmp, "prompts.jsonl")
         with open(PROMPTS) as f, open(prompts_file, "w") as out:
             out.writelines([line for line in f if line.strip()][: args.batch])
-        common = ["--prompts-file", prompts_file, "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
-                  "--max-length", str(args.max_length), "--steps", str(args.steps), "--threads", str(args.threads)]
-        if args.reward == "model":
-            make_reward_model(os.path.join(tmp, "reward-model"))
-            common += ["--reward-model", os.path.join(tmp, "reward-model")]
-        if args.trl_keep_freed_memory:
-            common.append("--trl-keep-freed-memory")
+        policy, reward_model = make_models(args, tmp)
+        common = ["--prompts-file", prompts_file, "--model-dir", policy, "--batch", str(args.batch),
+                  "--new-tokens", str(args.new_tokens), "--max-length", str(args.max_length),
+                  "--steps", str(args.steps), "--threads", str(args.threads)]
+        if reward_model:
+            common += ["--reward-model", reward_model]
+        common += ["--bf16"] * args.bf16 + ["--trl-keep-freed-memory"] * args.trl_keep_freed_memory
         runs = {"minidpo": [], "trl": []}
         for _ in range(args.rounds):
             for side in runs:
@@ -267,23 +306,29 @@ def main():
         parts = [b for r in rs for b in r["breakdown"]]
         res[side] = {"s_per_step": statistics.median(steps), "min": min(steps), "max": max(steps),
                      "peak_mb": max(r["peak_mb"] for r in rs),
+                     "gpu_peak_mb": max(r["gpu_peak_mb"] for r in rs) if rs[0]["gpu_peak_mb"] else None,
                      "tokens": statistics.mean(t for r in rs for t in r["tokens"]),
                      "breakdown": {k: statistics.median(b[k] for b in parts) for k in parts[0]}}
     versions = {**runs["trl"][0]["versions"], "python": platform.python_version()}
     ratio = res["minidpo"]["s_per_step"] / res["trl"]["s_per_step"]
-    mem_ratio = res["minidpo"]["peak_mb"] / res["trl"]["peak_mb"]
+    memory = "gpu_peak_mb" if res["minidpo"]["gpu_peak_mb"] else "peak_mb"  # the memory that binds
+    mem_ratio = res["minidpo"][memory] / res["trl"][memory]
     n = args.rounds * args.steps
 
-    reward = "reward model (SmolLM2 + score head)" if args.reward == "model" else "brevity rule"
-    print(f"model {MODEL} fp32 | cpu ({cpu_name()}) | threads {args.threads} | "
-          + " | ".join(f"{k} {v}" for k, v in versions.items()))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({cpu_name()})"
+    reward = "reward model (policy + score head)" if reward_model else "brevity rule"
+    print(f"model {args.shape or MODEL} {'bf16 autocast' if args.bf16 else 'fp32'} | {device} | "
+          f"threads {args.threads} | " + " | ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"{args.batch} prompts x 2 completions x <= {args.new_tokens} new tokens, max_length {args.max_length}, "
           f"temperature {TEMPERATURE}, {reward}; medians of {n} steps ({args.rounds} rounds x {args.steps}, "
           f"1 warm-up each)" + ("; TRL with minidpo's glibc setting" if args.trl_keep_freed_memory else ""))
-    print(f"{'':10}{'s/step':>8}{'min':>7}{'max':>7}{'peak MB':>9}{'tokens/completion':>19}")
+    gpu = memory == "gpu_peak_mb"
+    print(f"{'':10}{'s/step':>8}{'min':>7}{'max':>7}{'peak MB':>9}" + (f"{'GPU peak MB':>13}" if gpu else "")
+          + f"{'tokens/completion':>19}")
     for side, r in res.items():
-        print(f"{side:10}{r['s_per_step']:8.2f}{r['min']:7.2f}{r['max']:7.2f}{r['peak_mb']:9.0f}{r['tokens']:19.1f}")
-    print(f"minidpo / TRL: {ratio:.2f}x time per step, {mem_ratio:.2f}x peak memory")
+        print(f"{side:10}{r['s_per_step']:8.2f}{r['min']:7.2f}{r['max']:7.2f}{r['peak_mb']:9.0f}"
+              + (f"{r['gpu_peak_mb']:13.0f}" if gpu else "") + f"{r['tokens']:19.1f}")
+    print(f"minidpo / TRL: {ratio:.2f}x time per step, {mem_ratio:.2f}x peak {'GPU ' if gpu else ''}memory")
     print("seconds (share of the step):")
     print(f"{'':10}" + "".join(f"{k:>20}" for k in res["minidpo"]["breakdown"]))
     for side, r in res.items():
@@ -292,12 +337,14 @@ def main():
         print(json.dumps({
             "minidpo_s_per_step": res["minidpo"]["s_per_step"], "trl_s_per_step": res["trl"]["s_per_step"],
             "ratio": ratio, "minidpo_peak_mb": res["minidpo"]["peak_mb"], "trl_peak_mb": res["trl"]["peak_mb"],
+            "minidpo_gpu_peak_mb": res["minidpo"]["gpu_peak_mb"], "trl_gpu_peak_mb": res["trl"]["gpu_peak_mb"],
             "peak_ratio": mem_ratio, "minidpo_breakdown_s": res["minidpo"]["breakdown"],
             "trl_breakdown_s": res["trl"]["breakdown"],
             "minidpo_tokens_per_completion": res["minidpo"]["tokens"], "trl_tokens_per_completion": res["trl"]["tokens"],
             "batch": args.batch, "max_new_tokens": args.new_tokens, "max_length": args.max_length,
-            "temperature": TEMPERATURE, "reward": args.reward, "trl_keep_freed_memory": args.trl_keep_freed_memory,
-            "threads": args.threads, "steps": n, "model": MODEL, "device_name": cpu_name(), **versions,
+            "temperature": TEMPERATURE, "reward": args.reward, "bf16": args.bf16, "shape": args.shape,
+            "trl_keep_freed_memory": args.trl_keep_freed_memory, "threads": args.threads, "steps": n,
+            "model": args.shape or MODEL, "device_name": device, **versions,
         }))
 
 
