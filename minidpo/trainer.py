@@ -36,8 +36,8 @@ from .cpu import keep_freed_memory
 from .data import PromptSampler, load_preferences, load_prompts
 from .distributed import all_reduce_sum, barrier, full_state_dict, gathered, init_distributed, shard
 from .model import last_token_scores
-from .packing import pack_pairs
 from .loss import add_metrics, bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics
+from .packing import pack_pairs
 from .sampler import Sampler
 from .tokenizer import Tokenizer
 from .tracking import Tracker, error_line
