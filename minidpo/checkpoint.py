@@ -228,8 +228,10 @@ class SafetensorsFile:
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             if size < 8 + header_len:
-                raise ValueError(f"its header claims {header_len} bytes but the file has {size}")
+                raise ValueError(f"it has {size} bytes, too few for a header of {header_len}")
             header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
         header.pop("__metadata__", None)
         self.data_start = 8 + header_len
         self.entries = {}

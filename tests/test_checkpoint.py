@@ -399,11 +399,30 @@ def test_error_pickle_weights_are_never_unpickled(tiny_dir):
     assert not sentinel.exists(), message
 
 
-def test_error_corrupt_safetensors(tiny_dir):
+def corrupt_header(raw: bytes, edit) -> bytes:
+    """The file with its JSON header passed through edit (the data left as it was)."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(edit(json.loads(raw[8 : 8 + n]))).encode()
+    return len(header).to_bytes(8, "little") + header + raw[8 + n :]
+
+
+def wrong_offsets(header):
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [0, 3]
+    return header
+
+
+@pytest.mark.parametrize("corrupt, says", [
+    (lambda raw: raw[: len(raw) // 2], "bytes ["),  # truncated: the tensors at the end lie past it
+    (lambda raw: b"", "too few"),
+    (lambda raw: os.urandom(64), "too few"),
+    (lambda raw: corrupt_header(raw, lambda header: list(header)), "not a JSON object"),
+    (lambda raw: corrupt_header(raw, wrong_offsets), "do not fit its shape"),
+])
+def test_error_corrupt_safetensors(tiny_dir, corrupt, says):
     f = tiny_dir / "model.safetensors"
-    with open(f, "r+b") as fh:
-        fh.truncate(f.stat().st_size // 2)
-    raises_one_line(ValueError, lambda: minidpo.load_model(str(tiny_dir)), f, "safetensors")
+    f.write_bytes(corrupt(f.read_bytes()))
+    raises_one_line(ValueError, lambda: minidpo.load_model(str(tiny_dir)), f, "safetensors", says)
 
 
 @pytest.mark.parametrize("name, shape", [
