@@ -8,9 +8,9 @@
    else (CUDA, bf16, autocast, float64) goes to F.linear unchanged.
 
 2. Freed memory kept for reuse (keep_freed_memory). glibc serves every allocation over 32 MiB
-   with a fresh mmap and unmaps it on free, so each training step's large tensors (logits and
-   their gradient, the tied embedding's gradient) arrive as new pages that the kernel must
-   zero-fill on first touch, page by page.
+   with a fresh mmap and unmaps it on free, so each training step's large tensors (a chunk of
+   logits and its softmax, the output embedding's gradient) arrive as new pages that the kernel
+   must zero-fill on first touch, page by page.
 """
 
 import ctypes
