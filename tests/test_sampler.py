@@ -2,6 +2,7 @@
 filters against their analytic distributions, EOS handling, reuse of one Sampler, and (on CUDA)
 CUDA-graph decoding against eager decoding."""
 
+import copy
 import math
 
 import pytest
@@ -249,6 +250,22 @@ def test_bf16_autocast_over_fp32_weights_matches_full_forwards(llama):
             token = model(seq, seq_mask)[:, -1].float().argmax(-1, keepdim=True)
             seq, seq_mask = torch.cat([seq, token], 1), torch.cat([seq_mask, torch.ones_like(token)], 1)
     assert torch.equal(out, seq[:, ids.shape[1]:])
+
+
+def test_bf16_sampler_sees_in_place_weight_updates_between_calls(llama):
+    # Without CUDA graphs autocast caches each weight's bf16 copy for one generate() call; the next
+    # call, after an optimizer step, must cast the new values.
+    model = copy.deepcopy(llama[1])  # the fixture's model is shared: update a copy
+    ids, mask = prompts([7, 3, 10, 1])
+    sampler = Sampler(model, dtype=torch.bfloat16)
+    before = greedy(sampler, ids, mask, max_new_tokens=8).ids
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    after = greedy(sampler, ids, mask, max_new_tokens=8).ids
+    assert not torch.equal(after, before)
+    assert torch.equal(after, greedy(Sampler(model, dtype=torch.bfloat16), ids, mask, max_new_tokens=8).ids)
 
 
 # ---- CUDA graphs (run with: python -m pytest tests/test_sampler.py -m gpu) ----
