@@ -22,13 +22,17 @@ from .cpu import linear
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows):
-        lse = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
-        out = torch.empty_like(lse)
+        # hidden [N, hidden] is flat, targets has any shape of N elements. The result has targets'
+        # shape and is a tensor of its own: FSDP warns when a module returns a view.
+        flat_targets = targets.reshape(-1)
+        lse = torch.empty(flat_targets.shape, dtype=torch.float32, device=hidden.device)
+        out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        flat_out = out.view(-1)
         for i in range(0, len(hidden), rows):
             logits = linear(hidden[i : i + rows], weight).float()
             lse[i : i + rows] = logits.logsumexp(-1)
-            out[i : i + rows] = logits.gather(-1, targets[i : i + rows, None])[:, 0] - lse[i : i + rows]
-        ctx.save_for_backward(hidden, weight, targets, lse)
+            flat_out[i : i + rows] = logits.gather(-1, flat_targets[i : i + rows, None])[:, 0] - lse[i : i + rows]
+        ctx.save_for_backward(hidden, weight, flat_targets, lse)
         ctx.rows = rows
         # Backward must project in the dtype forward did (e.g. bf16 under autocast), or its softmax
         # would not match the saved logsumexp. Autograd runs backward outside autocast: re-enter it.
@@ -45,6 +49,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def chunked_backward(ctx, grad):
         hidden, weight, targets, lse = ctx.saved_tensors
+        grad = grad.reshape(-1)
         grad_hidden, grad_weight = torch.empty_like(hidden), None
         for i in range(0, len(hidden), ctx.rows):
             h, g = hidden[i : i + ctx.rows], grad[i : i + ctx.rows, None]
@@ -71,4 +76,4 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows = max(1, chunk_bytes // (weight.shape[0] * 4))
-    return _TokenLogprobs.apply(flat_hidden, weight, targets.reshape(-1), rows).view(targets.shape)
+    return _TokenLogprobs.apply(flat_hidden, weight, targets, rows)
