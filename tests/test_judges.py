@@ -10,14 +10,14 @@ import time
 import pytest
 import torch
 import transformers as T
-from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 
 import minidpo
 from minidpo.judges import (JudgeError, KeywordJudge, LLMJudge, OpenAIJudge, RewardFunctions,
                             RewardModel, RewardModelJudge, ShorterJudge, load_reward_function, make_judge,
                             prompt_text, shuffle_pairs)
 from minidpo.tokenizer import Tokenizer
+from test_tokenizer import byte_level_bpe
 
 # ---------------------------------------------------------------------------------------------
 # Reward model: scores equal transformers' AutoModelForSequenceClassification on the same text.
@@ -46,14 +46,9 @@ COMPLETIONS = ["I am a small model that answers questions.", " jumps over the la
 
 @pytest.fixture(scope="module")
 def reward_tokenizer():
-    tok = Backend(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     words = "the quick brown fox jumps over lazy dog hello who are you answer question model small count".split()
     corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) + f" {i}." for i in range(200)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
+    tok = byte_level_bpe(corpus, 400, ["<pad>", "<s>", "<|im_start|>", "<|im_end|>"])
     # A BOS-adding post-processor, so plain-text rows get one from the tokenizer.
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     assert tok.get_vocab_size() <= VOCAB

@@ -65,17 +65,22 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def backend():
+def byte_level_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str]) -> Backend:
+    """A byte-level BPE trained on corpus, as GPT-2-style tokenizers are: a real tokenizer in a second."""
     tok = Backend(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    words = "the quick brown fox jumps over lazy dog hello world assistant user system café naïve 日本語".split()
-    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) + f" {i} {i * 31}." for i in range(300)]
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     return tok
+
+
+@pytest.fixture(scope="module")
+def backend():
+    words = "the quick brown fox jumps over lazy dog hello world assistant user system café naïve 日本語".split()
+    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) + f" {i} {i * 31}." for i in range(300)]
+    return byte_level_bpe(corpus, 500, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
 
 
 def write_dir(path, backend, config=None, **files):
