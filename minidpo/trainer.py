@@ -142,10 +142,17 @@ class Trainer:
         batches = self.micro_batches()
         window, started = {}, time.perf_counter()
         while self.step < self.total_steps:
-            add_metrics(window, self.train_step(batches))
+            learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses
+            metrics = self.train_step(batches)
+            grad_norm = metrics.pop("grad_norm")[0]
+            add_metrics(window, metrics)
             self.step += 1
             if self.step % log_every == 0 or self.step == self.total_steps or (cfg.logging_first_step and self.step == 1):
-                self.log(window, time.perf_counter() - started)
+                # As HF's Trainer logs them: the last step's grad_norm and learning rate, not the
+                # window's means, and the epochs done so far as a fraction.
+                epochs_done = self.step * cfg.gradient_accumulation_steps / self.data.batches_per_epoch
+                last = {"grad_norm": grad_norm.item(), "learning_rate": learning_rate, "epoch": epochs_done}
+                self.log(window, last, time.perf_counter() - started)
                 window, started = {}, time.perf_counter()
             if save_every and self.step % save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
@@ -167,14 +174,12 @@ class Trainer:
                                     f"reaches the weights (checkpoints already written are intact)")
             (loss / cfg.gradient_accumulation_steps).backward()
             micro_metrics["loss"] = (loss.detach(), torch.tensor(1.0, device=loss.device))
-            micro_metrics["epoch"] = (torch.tensor(float(epoch), device=loss.device), micro_metrics["loss"][1])
             add_metrics(metrics, micro_metrics)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):  # under FSDP: the norm over all shards, replicated on every rank
             grad_norm = grad_norm.full_tensor()
         metrics["grad_norm"] = (grad_norm.detach().float(), torch.tensor(1.0, device=grad_norm.device))
-        metrics["learning_rate"] = (torch.tensor(self.scheduler.get_last_lr()[0]), torch.tensor(1.0))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,11 +257,13 @@ class Trainer:
 
     # ---- logging ----
 
-    def log(self, window: dict, seconds: float):
+    def log(self, window: dict, last: dict, seconds: float):
+        """window: {name: (sum, count)} over the steps since the last log, on this rank; last: values
+        of the last step, the same on every rank."""
         names = sorted(window)
         packed = torch.tensor([[float(window[n][0]), float(window[n][1])] for n in names])
         packed = all_reduce_sum(packed.to(self.dist.device)).cpu()
-        means = metric_means({n: (packed[i, 0], packed[i, 1]) for i, n in enumerate(names)})
+        means = metric_means({n: (packed[i, 0], packed[i, 1]) for i, n in enumerate(names)}) | last
         tokens = means.pop("completions/tokens", None)
         if tokens is not None:  # a mean per micro-batch per rank; times their count is the window's total
             count = packed[names.index("completions/tokens"), 1].item()

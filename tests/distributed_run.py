@@ -103,11 +103,11 @@ def runs(world, out):
     # The reference's 1B command with tiny local stand-ins; each rank keeps its own metric window.
     log = Trainer.log
 
-    def log_keeping_window(self, window, seconds):
+    def log_keeping_window(self, window, last, seconds):
         rows = {name: [float(s), float(c)] for name, (s, c) in window.items()}
         with open(out / f"window-rank{self.dist.rank}.jsonl", "a") as f:
             f.write(json.dumps(rows) + "\n")
-        return log(self, window, seconds)
+        return log(self, window, last, seconds)
 
     Trainer.log = log_keeping_window
     argv = ["--model_name_or_path", world["llama"], "--reward_model_path", world["llama_rm"],

@@ -178,7 +178,7 @@ def test_metrics_beta_per_epoch_and_schedule(world, tmp_path):
         assert row["val/contain_eos_token"] == pytest.approx(sum(ended) / 4)
 
     # A beta list gives one beta per epoch, the last one kept.
-    assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    assert [r["epoch"] for r in rows] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]  # epochs done, as HF logs them
     assert [r["beta"] for r in rows] == pytest.approx([0.2, 0.2, 0.1, 0.1, 0.1, 0.1])
     # Linear warm-up over 2 steps, then linear decay to 0 at step 6; each row logs the rate its step used.
     expected = [1e-3 * hf_linear_schedule(s - 1, 2, 6) for s in range(1, 7)]
@@ -186,6 +186,25 @@ def test_metrics_beta_per_epoch_and_schedule(world, tmp_path):
     assert expected[:3] == pytest.approx([0, 5e-4, 1e-3])
     # Step 1 ran at rate 0, so step 2 still samples from the reference's weights.
     assert rows[1]["objective/kl"] == 0.0 and rows[2]["objective/kl"] != 0.0
+
+
+def test_a_log_window_averages_the_metrics_and_keeps_the_last_steps_rate_and_norm(world, tmp_path):
+    """HF's Trainer logs loss as the window's mean but grad_norm and learning_rate of its last step."""
+    def logged(out, every):
+        argv = base(world, out, *RULE, "--max_steps", 6, "--learning_rate", 1e-3, "--warmup_steps", 2,
+                    "--per_device_train_batch_size", 4, "--logging_steps", every)
+        assert run(argv) == 0
+        return metrics(out)
+
+    each, windows = logged(tmp_path / "each", 1), logged(tmp_path / "windows", 3)
+    assert [r["step"] for r in windows] == [3, 6]
+    for window, last in zip(windows, (each[2], each[5])):
+        steps = each[window["step"] - 3:window["step"]]
+        for name in ("loss", "objective/kl", "objective/scores"):
+            assert window[name] == pytest.approx(sum(r[name] for r in steps) / 3, abs=1e-6), name
+        for name in ("grad_norm", "learning_rate", "epoch"):
+            assert window[name] == pytest.approx(last[name], rel=1e-6), name
+    assert each[1]["grad_norm"] != each[2]["grad_norm"]  # so the means would differ from the last values
 
 
 def fixed_completions(self, input_ids, attention_mask, n=1, max_new_tokens=64, **kwargs):
