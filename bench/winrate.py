@@ -44,7 +44,8 @@ def generate(path, prompts, args, seed) -> list[str]:
     completions = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        ids, mask = tokenizer([render_prompt(tokenizer, p) for p in batch], add_special_tokens=isinstance(batch[0], str))
+        ids, mask = tokenizer([render_prompt(tokenizer, p) for p in batch],
+                              add_special_tokens=[isinstance(p, str) for p in batch])
         out = sampler.generate(ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                eos_token_ids=tokenizer.eos_token_ids, pad_token_id=tokenizer.pad_token_id,
                                generator=generator)

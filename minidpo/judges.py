@@ -156,12 +156,13 @@ class RewardModel:
     @torch.inference_mode()
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        add_special = isinstance(prompts[0], str)  # see render_completion
+        add_special = [isinstance(p, str) for p in prompts]  # see render_completion
         texts = [render_completion(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
         scores = []
         for start in range(0, len(texts), self.batch_size):
-            ids, mask = self.tokenizer(texts[start:start + self.batch_size], padding_side=self.padding_side,
-                                       add_special_tokens=add_special, max_length=self.max_length)
+            rows = slice(start, start + self.batch_size)
+            ids, mask = self.tokenizer(texts[rows], padding_side=self.padding_side,
+                                       add_special_tokens=add_special[rows], max_length=self.max_length)
             ids, mask = ids.to(device), mask.to(device)
             scores.append(last_token_scores(self.model(ids, mask), mask)[:, 0].float())
         return torch.cat(scores)

@@ -191,7 +191,7 @@ class Trainer:
         # 1. Rollout. Prompts keep their last max_length - max_new_tokens tokens, so each completion
         # is scored on exactly the context it was sampled from (the reference cuts only when scoring).
         texts = [render_prompt(tok, p) for p in prompts]
-        prompt_ids, prompt_mask = tok(texts, add_special_tokens=isinstance(prompts[0], str),
+        prompt_ids, prompt_mask = tok(texts, add_special_tokens=[isinstance(p, str) for p in prompts],
                                       max_length=cfg.max_length - cfg.max_new_tokens)
         with gathered(self.policy):  # under FSDP: the full weights once per rollout, not once per token
             out = self.sampler.generate(
@@ -245,8 +245,8 @@ class Trainer:
         tok = self.tokenizer
         texts = [judges.render_completion(tok, row["prompt"], row[side])
                  for side in ("chosen", "rejected") for row in rows]
-        ids, mask = tok(texts, padding_side="right", add_special_tokens=isinstance(rows[0]["prompt"], str),
-                        max_length=self.cfg.max_length)
+        plain = [isinstance(row["prompt"], str) for row in rows] * 2  # texts: all chosen, then all rejected
+        ids, mask = tok(texts, padding_side="right", add_special_tokens=plain, max_length=self.cfg.max_length)
         device = self.dist.device
         with self.autocast:
             scores = last_token_scores(self.policy(ids.to(device), mask.to(device)), mask.to(device))[:, 0]

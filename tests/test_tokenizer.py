@@ -206,6 +206,15 @@ def test_batch_padding_matches_transformers(chatml, side):
     assert tok.batch_decode(ids) == hf.batch_decode(ref["input_ids"], skip_special_tokens=True)
 
 
+def test_special_tokens_chosen_per_text(llama):
+    # A batch mixing plain prompts (BOS added) with chat-templated ones (BOS written by the template).
+    tok, hf = llama
+    ids, mask = tok(TEXTS[:3], add_special_tokens=[True, False, True], padding_side="right")
+    want = [hf.encode(text, add_special_tokens=add) for text, add in zip(TEXTS[:3], (True, False, True))]
+    assert [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids.tolist(), mask.tolist())] == want
+    assert [row[0] == hf.bos_token_id for row in want] == [True, False, True]
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_truncation_matches_transformers(chatml, side):
     tok, hf = chatml
