@@ -147,17 +147,23 @@ def neox_qkv_to_hf(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return [path / f for f in sorted(set(read_json(index)["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object")
+        return [path / f for f in sorted(set(weight_map.values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -246,9 +252,6 @@ class SafetensorsFile:
                                  f"or lie past the end of the file (truncated?)")
             self.entries[name] = (dtype, shape, begin)
 
-    def shape(self, name: str) -> tuple:
-        return self.entries[name][1]
-
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin = self.entries[name]
         tensor = torch.empty(shape, dtype=dtype)
@@ -266,10 +269,13 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     (initialised as transformers does, normal with std 0.02), for Bradley-Terry training."""
     path = resolve(name_or_path)
     hf = read_json(path / "config.json")
-    new_head = num_labels is not None and hf.get("architectures", [""])[0].endswith("ForCausalLM")
+    new_head = num_labels is not None and (hf.get("architectures") or [""])[0].endswith("ForCausalLM")
     if new_head:
         hf = as_classifier(hf, num_labels)
-    cfg = model_config_from_hf(hf)
+    try:
+        cfg = model_config_from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"{path / 'config.json'} has no {e.args[0]!r}") from None
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -297,10 +303,12 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
         rows = split_sizes(cfg, ours) if len(theirs) > 1 else [want[0]]
         parts = []
         for name, n in zip(theirs, rows):
-            shape = where[name].shape(name)
+            dtype_in_file, shape, _ = where[name].entries[name]
             if shape != (n, *want[1:]):
                 raise ValueError(f"{path}: tensor {name} has shape {tuple(shape)}, which does not fit "
                                  f"config.json (expected {(n, *want[1:])})")
+            if not dtype_in_file.is_floating_point:
+                raise ValueError(f"{path}: tensor {name} holds {dtype_in_file}, not floating-point weights")
             parts.append(where[name].read(name).to(device=device, dtype=dtype))
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
         if is_neox_qkv(hf, ours):

@@ -379,6 +379,32 @@ def test_error_config_not_json(tiny_dir):
     raises_one_line(ValueError, lambda: minidpo.load_model(str(tiny_dir)), tiny_dir / "config.json", "JSON")
 
 
+@pytest.mark.parametrize("config, says", [
+    ([], "holds a JSON list, not an object"),
+    ({"architectures": ["LlamaForCausalLM"], "vocab_size": 96}, "has no 'num_attention_heads'"),
+    ({"architectures": None}, "unsupported architecture"),
+])
+def test_error_config_content(tiny_dir, config, says):
+    (tiny_dir / "config.json").write_text(json.dumps(config))
+    for num_labels in (None, 1):  # also as a reward model, which rewrites the config first
+        raises_one_line(ValueError, lambda: minidpo.load_model(str(tiny_dir), num_labels=num_labels),
+                        tiny_dir / "config.json" if "architecture" not in says else "?", says)
+
+
+def test_error_index_without_weight_map(tiny_dir):
+    (tiny_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    raises_one_line(ValueError, lambda: minidpo.load_model(str(tiny_dir)),
+                    tiny_dir / "model.safetensors.index.json", "'weight_map'")
+
+
+def test_error_integer_weights(tiny_dir):
+    state = load_file(tiny_dir / "model.safetensors")
+    state["model.norm.weight"] = torch.full((64,), 3, dtype=torch.int64)
+    save_file(state, tiny_dir / "model.safetensors", metadata={"format": "pt"})
+    raises_one_line(ValueError, lambda: minidpo.load_model(str(tiny_dir)),
+                    tiny_dir, "model.norm.weight", "torch.int64", "not floating-point")
+
+
 class _Trap:
     """Unpickling this creates a file: proof that a loader unpickled it."""
 
