@@ -64,7 +64,7 @@ def shard(model: torch.nn.Module, d: Dist, bf16: bool = False, frozen: bool = Fa
         else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=precision)
-    fully_shard(model, mesh=mesh, mp_policy=precision, reshard_after_forward=True if frozen else None)
+    fully_shard(model, mesh=mesh, mp_policy=precision, reshard_after_forward=frozen)
     return model
 
 
