@@ -14,10 +14,12 @@ LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type="sigmoid",
-             valid=None) -> torch.Tensor:
-    """Mean online DPO loss over the valid pairs, from per-sequence log-prob sums [B].
+             valid=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count): the online DPO loss summed over the valid pairs, and their number, from
+    per-sequence log-prob sums [B]. The loss is their quotient; the trainer divides only once it
+    knows the count over all micro-batches and ranks.
 
-    valid [B] (bool) drops pairs the judge left undecided; with no valid pair the loss is a zero
+    valid [B] (bool) drops pairs the judge left undecided; with no valid pair the sum is a zero
     that still backpropagates (zero gradients), so every rank runs the same backward.
     """
     if loss_type not in LOSS_TYPES:
@@ -29,8 +31,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     else:
         losses = (logits - 1 / (2 * beta)) ** 2  # IPO: (logits - 1 / (2 beta))^2
     if valid is None:
-        return losses.mean()
-    return torch.where(valid, losses, 0.0).sum() / valid.sum().clamp(min=1)
+        valid = torch.ones_like(losses, dtype=torch.bool)
+    return torch.where(valid, losses, 0.0).sum(), valid.sum().to(losses.dtype)
 
 
 def bradley_terry_loss(chosen_scores, rejected_scores):
@@ -88,7 +90,8 @@ def online_dpo_metrics(logps, ref_logps, completion_mask, contain_eos, beta: flo
         "logps/chosen": over_pairs(seq_logps[:B]),
         "logps/rejected": over_pairs(seq_logps[B:]),
         "val/contain_eos_token": over_sequences(contain_eos.float()),
-        "beta": (torch.tensor(beta, device=logps.device), torch.tensor(1.0, device=logps.device)),
+        # float64, so that the log reads beta 0.1 and not fp32's 0.10000000149011612
+        "beta": (torch.tensor(beta, dtype=torch.float64, device=logps.device), torch.tensor(1.0, device=logps.device)),
     }
     return metrics
 

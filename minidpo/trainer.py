@@ -168,22 +168,33 @@ class Trainer:
                 self.policy.set_requires_gradient_sync(i == cfg.gradient_accumulation_steps - 1)
             beta = cfg.beta[min(epoch, len(cfg.beta) - 1)]  # a list of betas gives one per epoch
             micro_step = self.reward_micro_step if cfg.objective == "reward" else self.online_dpo_micro_step
-            loss, micro_metrics = micro_step(batch, beta)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss is {loss.item()} at step {self.step + 1}; stopping before it "
-                                    f"reaches the weights (checkpoints already written are intact)")
-            (loss / cfg.gradient_accumulation_steps).backward()
-            micro_metrics["loss"] = (loss.detach(), torch.tensor(1.0, device=loss.device))
+            loss_sum, pairs, micro_metrics = micro_step(batch, beta)
+            self.stop_unless_finite("loss", loss_sum)
+            loss_sum.backward()
+            micro_metrics["loss"] = (loss_sum.detach(), pairs)
             add_metrics(metrics, micro_metrics)
+        # The step's loss is the mean over the pairs of all its micro-batches on all ranks (pairs the
+        # judge left undecided do not count), the same however the batch is split. Each backward
+        # took its micro-batch's sum and FSDP averaged the gradients over the ranks, so the
+        # gradients are scaled by world_size / pairs in the whole batch.
+        pairs = all_reduce_sum(metrics["loss"][1].clone()).clamp(min=1)
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, self.dist.world_size / pairs.item())
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):  # under FSDP: the norm over all shards, replicated on every rank
             grad_norm = grad_norm.full_tensor()
+        self.stop_unless_finite("gradient norm", grad_norm)
         metrics["grad_norm"] = (grad_norm.detach().float(), torch.tensor(1.0, device=grad_norm.device))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
+
+    def stop_unless_finite(self, name: str, value: torch.Tensor):
+        if not torch.isfinite(value):
+            raise TrainingError(f"the {name} is {value.item()} at step {self.step + 1}; stopping before it "
+                                f"reaches the weights (checkpoints already written are intact)")
 
     def online_dpo_micro_step(self, prompts: list, beta: float):
         cfg, tok = self.cfg, self.tokenizer
@@ -228,17 +239,14 @@ class Trainer:
         mask = completion_mask.float()
         seq, ref_seq = (logps * mask).sum(1), (ref_logps * mask).sum(1)
 
-        # 4. The loss on this fresh preference: a mean over this rank's valid pairs. FSDP averages
-        # gradients over ranks, so with equal valid counts this is the mean over all pairs; when
-        # ranks drop different numbers of undecided pairs, each rank's pairs weigh a little more or
-        # less (as in the reference under accelerate). The logged metrics are exact either way.
-        loss = dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], beta, cfg.loss_type, valid)
+        # 4. The loss on this fresh preference, summed over the decided pairs (train_step divides).
+        loss_sum, pairs = dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], beta, cfg.loss_type, valid)
         metrics = online_dpo_metrics(logps, ref_logps, completion_mask, out.has_eos[order], beta, valid,
                                      None if scores is None else scores.to(device)[order])
         one = torch.tensor(1.0, device=device)
         metrics["judge/undecided"] = ((~valid).float().sum(), one * B)
         metrics["completions/tokens"] = (mask.sum(), one)
-        return loss, metrics
+        return loss_sum, pairs, metrics
 
     def reward_micro_step(self, rows: list, beta: float):
         """Bradley-Terry reward-model training: loss -log sigma(r_chosen - r_rejected)."""
@@ -252,8 +260,8 @@ class Trainer:
             scores = last_token_scores(self.policy(ids.to(device), mask.to(device)), mask.to(device))[:, 0]
         B = len(rows)
         loss, accuracy, margin = bradley_terry_loss(scores[:B].float(), scores[B:].float())
-        one = torch.tensor(1.0, device=device)
-        return loss, {"rewards/accuracies": (accuracy, one), "rewards/margins": (margin, one)}
+        pairs = torch.tensor(float(B), device=device)
+        return loss * B, pairs, {"rewards/accuracies": (accuracy * B, pairs), "rewards/margins": (margin * B, pairs)}
 
     # ---- logging ----
 
@@ -261,7 +269,7 @@ class Trainer:
         """window: {name: (sum, count)} over the steps since the last log, on this rank; last: values
         of the last step, the same on every rank."""
         names = sorted(window)
-        packed = torch.tensor([[float(window[n][0]), float(window[n][1])] for n in names])
+        packed = torch.tensor([[float(window[n][0]), float(window[n][1])] for n in names], dtype=torch.float64)
         packed = all_reduce_sum(packed.to(self.dist.device)).cpu()
         means = metric_means({n: (packed[i, 0], packed[i, 1]) for i, n in enumerate(names)}) | last
         tokens = means.pop("completions/tokens", None)

@@ -90,7 +90,7 @@ def equivalence(world, out):
     metrics = trainer.train_step(trainer.micro_batches())
     if trainer.dist.rank == 0:
         (out / "bf16.json").write_text(json.dumps({"cache_dtype": str(trainer.sampler.cache.k[0].dtype),
-                                                   "loss": float(metrics["loss"][0])}))
+                                                   "loss": float(metrics["loss"][0] / metrics["loss"][1])}))
 
 
 def runs(world, out):

@@ -20,26 +20,31 @@ def pairs(requires_grad=False):
     return [torch.tensor(x, dtype=torch.float64, requires_grad=requires_grad) for x in (PC, PR, RC, RR)]
 
 
+def values(loss_sum_and_count):
+    return [x.item() for x in loss_sum_and_count]
+
+
 def test_dpo_sigmoid_hand_values():
     beta = 0.1
     per_pair = [-math.log(sigmoid(beta * z)) for z in LOGITS]
-    assert dpo_loss(*pairs(), beta).item() == pytest.approx(sum(per_pair) / 2)
-    assert dpo_loss(*pairs(), beta, "sigmoid", valid=torch.tensor([False, True])).item() == pytest.approx(per_pair[1])
+    assert values(dpo_loss(*pairs(), beta)) == pytest.approx([sum(per_pair), 2])
+    second_only = torch.tensor([False, True])
+    assert values(dpo_loss(*pairs(), beta, "sigmoid", valid=second_only)) == pytest.approx([per_pair[1], 1])
 
 
 def test_ipo_hand_values():
     beta = 0.25  # 1 / (2 beta) = 2
     per_pair = [(1.5 - 2) ** 2, (-2.0 - 2) ** 2]  # 0.25, 16
-    assert dpo_loss(*pairs(), beta, "ipo").item() == pytest.approx(8.125)
-    assert dpo_loss(*pairs(), beta, "ipo", valid=torch.tensor([True, False])).item() == pytest.approx(per_pair[0])
+    assert values(dpo_loss(*pairs(), beta, "ipo")) == pytest.approx([16.25, 2])
+    assert values(dpo_loss(*pairs(), beta, "ipo", valid=torch.tensor([True, False]))) == pytest.approx([per_pair[0], 1])
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_no_valid_pair_gives_zero_loss_with_zero_grad(loss_type):
     pc, pr, rc, rr = pairs(requires_grad=True)
-    loss = dpo_loss(pc, pr, rc, rr, 0.1, loss_type, valid=torch.tensor([False, False]))
+    loss, count = dpo_loss(pc, pr, rc, rr, 0.1, loss_type, valid=torch.tensor([False, False]))
     loss.backward()
-    assert loss.item() == 0.0
+    assert loss.item() == 0.0 and count.item() == 0
     assert torch.equal(pc.grad, torch.zeros(2, dtype=torch.float64))
 
 
@@ -52,8 +57,9 @@ def test_unknown_loss_type():
 def test_loss_gradcheck(loss_type):
     pc, pr, rc, rr = pairs(requires_grad=True)
     valid = torch.tensor([True, False])
-    assert torch.autograd.gradcheck(lambda c, r: dpo_loss(c, r, rc.detach(), rr.detach(), 0.3, loss_type), (pc, pr))
-    assert torch.autograd.gradcheck(lambda c, r: dpo_loss(c, r, rc.detach(), rr.detach(), 0.3, loss_type, valid), (pc, pr))
+    assert torch.autograd.gradcheck(lambda c, r: dpo_loss(c, r, rc.detach(), rr.detach(), 0.3, loss_type)[0], (pc, pr))
+    assert torch.autograd.gradcheck(lambda c, r: dpo_loss(c, r, rc.detach(), rr.detach(), 0.3, loss_type, valid)[0],
+                                    (pc, pr))
 
 
 def test_bradley_terry_hand_values():

@@ -229,12 +229,26 @@ def first_gradient(argv) -> tuple[list[torch.Tensor], dict]:
     return grads, {k: (s / c).item() for k, (s, c) in step_metrics.items()}
 
 
-def test_gradient_accumulation_equals_the_full_batch(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("undecided", [False, True])
+def test_gradient_accumulation_equals_the_full_batch(world, tmp_path, monkeypatch, undecided):
     monkeypatch.setattr(minidpo.sampler.Sampler, "generate", fixed_completions)
+    decided = []
+    if undecided:  # the judge leaves the conversational prompts' pairs undecided
+        preference = trainer_module.Preference.__call__
+
+        def plain_prompts_only(self, prompts, completions, has_eos):
+            first_wins, _, scores = preference(self, prompts, completions, has_eos)
+            valid = torch.tensor([isinstance(p, str) for p in prompts])
+            decided.append(int(valid.sum()))
+            return first_wins, valid, scores
+
+        monkeypatch.setattr(trainer_module.Preference, "__call__", plain_prompts_only)
     common = base(world, tmp_path / "out", *RULE, "--max_steps", 1, "--max_grad_norm", 0)
     accumulated, m_acc = first_gradient(common + ["--per_device_train_batch_size", 2,
                                                   "--gradient_accumulation_steps", 2])
     full, m_full = first_gradient(common + ["--per_device_train_batch_size", 4])
+    if undecided:  # micro-batches with different numbers of decided pairs: a mean of means would differ
+        assert decided[0] != decided[1] and decided[0] + decided[1] == decided[2] > 0
     assert m_acc["loss"] == pytest.approx(m_full["loss"], abs=1e-6)
     assert m_acc["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-5) and m_full["grad_norm"] > 0
     for a, b in zip(accumulated, full, strict=True):
@@ -491,20 +505,32 @@ def test_unreadable_checkpoints_are_refused(world, tmp_path, capsys, recwarn):
     assert not [str(w.message) for w in recwarn if "torch.distributed" in str(w.message)]
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(world, tmp_path, capsys, monkeypatch):
+def nan_loss(loss):
+    return loss * math.nan
+
+
+def infinite_gradient(loss):
+    """The loss as it is, with an infinite gradient flowing back from it."""
+    loss.register_hook(lambda grad: grad * math.inf)
+    return loss
+
+
+@pytest.mark.parametrize("spoil, says", [(nan_loss, "the loss is nan at step 3"),
+                                         (infinite_gradient, "the gradient norm is nan at step 3")])
+def test_non_finite_step_stops_and_keeps_the_last_checkpoint(world, tmp_path, capsys, monkeypatch, spoil, says):
     calls, dpo_loss = [], trainer_module.dpo_loss
 
-    def nan_at_step_3(*args, **kwargs):
+    def spoiled_at_step_3(*args, **kwargs):
         calls.append(1)
-        loss = dpo_loss(*args, **kwargs)
-        return loss * math.nan if len(calls) == 3 else loss
+        loss, pairs = dpo_loss(*args, **kwargs)
+        return (spoil(loss) if len(calls) == 3 else loss), pairs
 
-    monkeypatch.setattr(trainer_module, "dpo_loss", nan_at_step_3)
+    monkeypatch.setattr(trainer_module, "dpo_loss", spoiled_at_step_3)
     out = tmp_path / "out"
     argv = base(world, out, *RULE, "--max_steps", 5, "--save_steps", 2, "--learning_rate", 1e-3)
     assert run(argv) == 1
     line = one_error_line(capsys)
-    assert "the loss is nan at step 3" in line
+    assert says in line
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == ["checkpoint-2"]
     assert not (out / "model.safetensors").exists()
