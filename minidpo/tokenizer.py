@@ -25,7 +25,16 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object from an optional file: {} when the file is absent, a one-line error when it is broken."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _token_text(value) -> str | None:
@@ -161,8 +170,12 @@ class Tokenizer:
         # are passed as None because templates test `tools is not none`.
         variables = {k: getattr(self, k) for k in SPECIAL_TOKENS if getattr(self, k) is not None}
         variables.update({"tools": None, "documents": None, **kwargs})
-        text = _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            text = _compile(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.exceptions.TemplateError as e:  # e.g. raise_exception("System role not supported")
+            first_line = (e.message or type(e).__name__).strip().splitlines()[0]
+            raise ValueError(f"the chat template rejected a conversation: {first_line}") from e
         if not tokenize:
             return text
         # The template writes BOS itself when the model wants one; encoding with specials would double it.

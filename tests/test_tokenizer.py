@@ -190,7 +190,7 @@ def test_llama_template_matches_transformers(llama, messages):
 def test_raise_exception_in_template(llama):
     tok, hf = llama
     bad = [{"role": "assistant", "content": "I speak first"}]
-    with pytest.raises(jinja2.exceptions.TemplateError, match="roles must alternate"):
+    with pytest.raises(ValueError, match="^the chat template rejected a conversation: .*roles must alternate"):
         tok.apply_chat_template(bad)
     with pytest.raises(jinja2.exceptions.TemplateError, match="roles must alternate"):
         hf.apply_chat_template(bad, tokenize=False)
@@ -315,6 +315,16 @@ def test_corrupt_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ', encoding="utf-8")
     with pytest.raises(ValueError, match="tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"])
+@pytest.mark.parametrize("text, says", [('{"eos_token": ', "is not valid JSON"), ("[1]", "holds a JSON list")])
+def test_corrupt_side_files_name_the_file(backend, tmp_path, name, text, says):
+    write_dir(tmp_path, backend)
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        Tokenizer.from_dir(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / name} {says}") and "\n" not in str(info.value)
 
 
 def test_no_chat_template(backend, tmp_path):
