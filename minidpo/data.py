@@ -131,7 +131,11 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
             raise ImportError(f"reading {path} needs pyarrow: pip install 'minidpo[parquet]'") from None
         rows = [(f"{path}, row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     elif path.suffix in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if path.suffix == ".json" and text.lstrip().startswith("["):
             rows = [(f"{path}, row {i}", row) for i, row in enumerate(_json(text, path, 0))]
         else:  # JSON Lines; the datasets library reads them from .json files too, and Hub repos rely on it

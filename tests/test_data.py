@@ -185,6 +185,12 @@ def test_malformed_json_names_file_and_line(tmp_path):
     assert error(load_prompts, str(path)).startswith(f"{path}, line 3: malformed JSON: ")
 
 
+def test_text_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes('{"prompt": "a"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    assert error(load_prompts, str(path)).startswith(f"{path}, line 2: not UTF-8 text (")
+
+
 def test_empty_dataset_and_unsupported_file(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("\n")
