@@ -24,9 +24,7 @@ class Tracker:
         # A fresh run starts fresh logs. A resumed one keeps what was logged up to its checkpoint and
         # drops the rest, which the run is about to log again.
         for log in (self.jsonl, self.completions):
-            keep = [line for line in log.read_text().splitlines(keepends=True)
-                    if json.loads(line)["step"] <= resume_step] if log.exists() else []
-            log.write_text("".join(keep))
+            log.write_text("".join(logged_up_to(log, resume_step)))
         run_name = cfg.run_name or output_dir.name
         if "tensorboard" in cfg.report_to:
             try:
@@ -67,6 +65,22 @@ class Tracker:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def logged_up_to(log: Path, step: int) -> list[str]:
+    """The lines of a JSON-lines log with "step" <= step, each ending in a newline. A line that is
+    not JSON is the torn end of a killed run's last write: it is dropped."""
+    if not log.exists():
+        return []
+    keep = []
+    for line in log.read_text().splitlines():
+        try:
+            logged_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue
+        if logged_step <= step:
+            keep.append(line + "\n")
+    return keep
 
 
 SHOWN = ("loss", "objective/scores", "rewards/margins", "rewards/accuracies", "objective/kl",
