@@ -141,7 +141,7 @@ class Config:
         for name in ("logging_steps", "save_steps"):
             value = getattr(self, name)
             # HF's rule: below 1 a fraction of the run, from 1 on a whole number of steps.
-            need(value >= 0 and (value < 1 or value == int(value)),
+            need(math.isfinite(value) and value >= 0 and (value < 1 or value == int(value)),
                  f"--{name} must be a fraction below 1 or a whole number of steps, got {value}")
         need(self.log_completions_steps >= 0, f"--log_completions_steps must be >= 0, got {self.log_completions_steps}")
         for backend in self.report_to:
