@@ -8,10 +8,12 @@ from .tokenizer import Tokenizer
 def load_pretrained(name_or_path: str, dtype=None, device=None):
     """(model, tokenizer) from a local HF directory, a Hub repo id, or the offline SmolLM2
     ("offline:SmolLM2-135M-Instruct"). dtype defaults to float32."""
-    from .checkpoint import resolve
+    from .checkpoint import check_vocabulary, resolve
 
     path = resolve(name_or_path)
-    return load_model(str(path), dtype=dtype, device=device), Tokenizer.from_dir(path)
+    model, tokenizer = load_model(str(path), dtype=dtype, device=device), Tokenizer.from_dir(path)
+    check_vocabulary(tokenizer, model.cfg, path)
+    return model, tokenizer
 
 
 __all__ = ["KVCache", "ModelConfig", "Tokenizer", "Transformer", "last_token_scores", "load_model",

@@ -320,6 +320,14 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     return model
 
 
+def check_vocabulary(tokenizer, cfg: ModelConfig, path):
+    """The model must have an embedding row for every token id; more rows than tokens is common
+    (vocabularies padded to a multiple of 64 or 128 for faster matmuls)."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocab_size of {cfg.vocab_size} in config.json")
+
+
 def hf_state_dict(state: dict, cfg: ModelConfig, hf: dict) -> dict[str, torch.Tensor]:
     """A minidpo state dict under HF names, fused tensors split back."""
     out = {}

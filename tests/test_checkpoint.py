@@ -475,6 +475,19 @@ def test_error_missing_tensor(tiny_dir):
                     tiny_dir, "model.layers.1.mlp.gate_proj.weight", "missing")
 
 
+def test_error_tokenizer_larger_than_the_embedding(tiny_dir):
+    from tokenizers import Tokenizer as Backend, models
+
+    for tokens in (VOCAB - 4, VOCAB + 1):  # fewer tokens than rows is common (padded vocabularies)
+        Backend(models.WordLevel({f"w{i}": i for i in range(tokens)}, unk_token="w0")).save(
+            str(tiny_dir / "tokenizer.json"))
+        if tokens <= VOCAB:
+            minidpo.load_pretrained(str(tiny_dir))
+        else:
+            raises_one_line(ValueError, lambda: minidpo.load_pretrained(str(tiny_dir)), tiny_dir,
+                            f"the tokenizer has {VOCAB + 1} tokens", f"vocab_size of {VOCAB}")
+
+
 def test_error_missing_tokenizer(tiny_dir):
     assert not list(tiny_dir.glob("tokenizer*"))
     raises_one_line(FileNotFoundError, lambda: minidpo.load_pretrained(str(tiny_dir)), tiny_dir)
