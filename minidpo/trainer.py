@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from . import judges
-from .checkpoint import load_model, replace_dir, resolve, write_pretrained
+from .checkpoint import check_vocabulary, load_model, replace_dir, resolve, write_pretrained
 from .config import Config, interval
 from .cpu import keep_freed_memory
 from .data import PromptSampler, load_preferences, load_prompts
@@ -104,6 +104,7 @@ class Trainer:
                 if isinstance(scorer, judges.RewardModel):
                     shard(scorer.model, self.dist, cfg.bf16, frozen=True)
             rows = load_prompts(cfg.dataset_name, cfg.dataset_train_split, cfg.dataset_config)
+        check_vocabulary(self.tokenizer, self.policy.cfg, model_dir)
         self.policy.gradient_checkpointing = cfg.gradient_checkpointing
         self.data = PromptSampler(rows, cfg.per_device_train_batch_size, self.dist.rank, self.dist.world_size,
                                   cfg.seed)
@@ -312,15 +313,19 @@ class Trainer:
             self.prune_checkpoints()
         barrier()
 
+    def checkpoints(self) -> list[Path]:
+        """output_dir's checkpoint-N directories, oldest first (other names, e.g. checkpoint-best, are left be)."""
+        found = [p for p in self.output_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
     def prune_checkpoints(self):
         limit = self.cfg.save_total_limit
-        checkpoints = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in checkpoints[: -limit] if limit else []:
+        for old in self.checkpoints()[: -limit] if limit else []:
             shutil.rmtree(old)
 
     def find_checkpoint(self, where: str) -> Path:
         if where.lower() in ("true", "last", "latest"):  # HF's --resume_from_checkpoint True: the newest one
-            checkpoints = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            checkpoints = self.checkpoints()
             if not checkpoints:
                 raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint-* in {self.output_dir}")
             return checkpoints[-1]
@@ -335,6 +340,10 @@ class Trainer:
             state = json.loads((path / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--resume_from_checkpoint: cannot read {path / 'trainer_state.json'} ({e})") from None
+        if not (isinstance(state, dict) and {"step", "world_size", "scheduler"} <= state.keys()):
+            # e.g. a checkpoint of HF's Trainer, whose trainer_state.json holds other things
+            raise ValueError(f"--resume_from_checkpoint: {path} was not written by minidpo "
+                             "(its trainer_state.json lacks step, world_size or scheduler)")
         if state["world_size"] != self.dist.world_size:
             raise ValueError(f"--resume_from_checkpoint: {path} was written by {state['world_size']} process(es); "
                              f"resume with the same number (this run has {self.dist.world_size})")
@@ -418,13 +427,20 @@ def render_prompt(tokenizer: Tokenizer, prompt) -> str:
 
 
 def publish(tmp: Path, target: Path):
-    """Move the files of tmp into target, replacing those of an earlier model; config.json goes
-    last, so target holds a loadable model at every moment a reader could look."""
-    for old in list(target.glob("model*.safetensors")) + list(target.glob("model.safetensors.index.json")):
-        if not (tmp / old.name).exists():
+    """Move the files of tmp into target, replacing those of an earlier model.
+
+    target holds checkpoints and logs too, so it cannot be swapped whole like a checkpoint. A single
+    weights file replaces the old one in one rename. Shards cannot: the old weights go first and the
+    new index comes last but config.json, so a crash in between leaves an incomplete model that no
+    loader accepts, never old and new shards mixed.
+    """
+    index = "model.safetensors.index.json"
+    sharded = (tmp / index).exists()
+    for old in [target / index, *target.glob("model*.safetensors")]:
+        if old.exists() and (sharded or not (tmp / old.name).exists()):
             old.unlink()
-    files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
-    for f in files:
+    last = [index, "config.json"]
+    for f in sorted(tmp.iterdir(), key=lambda p: last.index(p.name) + 1 if p.name in last else 0):
         os.replace(f, target / f.name)
     tmp.rmdir()
 

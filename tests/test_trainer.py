@@ -6,6 +6,7 @@ and the reference's example commands run."""
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -312,6 +313,7 @@ def test_checkpoints_pruned_complete_and_newest_resumed(world, tmp_path):
     assert run(argv) == 0
     # Saved at 2, 4, 6 (step 8 is the final model itself); the limit keeps the newest two.
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint-6"]
+    (out / "checkpoint-best").mkdir()  # a user's own directory: neither a checkpoint to resume nor to prune
     for step in (4, 6):
         checkpoint = out / f"checkpoint-{step}"
         assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
@@ -326,6 +328,46 @@ def test_checkpoints_pruned_complete_and_newest_resumed(world, tmp_path):
     again = load_file(out / "model.safetensors")
     assert all(torch.equal(again[name], final[name]) for name in final)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary directories left
+    assert (out / "checkpoint-best").is_dir()
+
+
+@pytest.mark.parametrize("old_shards, new_shards", [(True, True), (False, True), (True, False)])
+def test_a_crash_while_publishing_never_mixes_two_models(world, tmp_path, monkeypatch, old_shards, new_shards):
+    """The final model is moved into output_dir file by file; a crash after any move leaves the old
+    model, the new one, or one that does not load, never a blend."""
+    old, new = minidpo.load_model(world["llama"]), minidpo.load_model(world["llama"])
+    with torch.no_grad():
+        for weight in new.parameters():  # every tensor differs, so any blend shows
+            weight.add_(1.0)
+    shard_bytes = lambda sharded: 40_000 if sharded else 2**30
+    real_replace = os.replace
+    for crash_after in range(100):  # each number of files moved before the crash, until all are
+        target, tmp = tmp_path / f"out{crash_after}", tmp_path / f"new{crash_after}"
+        minidpo.save_pretrained(old, target, max_shard_bytes=shard_bytes(old_shards))
+        tmp.mkdir()
+        trainer_module.write_pretrained(new.state_dict(), new.cfg, tmp, None, shard_bytes(new_shards))
+        if crash_after >= len(list(tmp.iterdir())):
+            break
+        moves = []
+
+        def crashing_replace(src, dst):
+            if len(moves) == crash_after:
+                raise KeyboardInterrupt("killed")
+            moves.append(dst)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(trainer_module.os, "replace", crashing_replace)
+        with pytest.raises(KeyboardInterrupt):
+            trainer_module.publish(tmp, target)
+        monkeypatch.setattr(trainer_module.os, "replace", real_replace)
+        try:
+            loaded = minidpo.load_model(str(target)).embed.weight
+        except (FileNotFoundError, ValueError):
+            continue
+        assert torch.equal(loaded, old.embed.weight) or torch.equal(loaded, new.embed.weight), crash_after
+        state = minidpo.load_model(str(target)).state_dict()
+        which = old if torch.equal(loaded, old.embed.weight) else new
+        assert all(torch.equal(state[k], v) for k, v in which.state_dict().items()), crash_after
 
 
 def test_final_model_loads_in_transformers(world, straight):
@@ -487,8 +529,12 @@ def test_unreadable_checkpoints_are_refused(world, tmp_path, capsys, recwarn):
     shutil.copytree(good, truncated)
     for f in (truncated / "state").glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:100])
+    foreign = tmp_path / "hf_trainer"  # HF's Trainer writes a trainer_state.json of its own
+    foreign.mkdir()
+    (foreign / "trainer_state.json").write_text(json.dumps({"global_step": 1, "log_history": []}))
     cases = [(no_state, "is not a minidpo checkpoint (no trainer_state.json)"),
-             (bad_json, "cannot read"), (truncated, "is unreadable"), (tmp_path / "nowhere", "no trainer_state.json")]
+             (bad_json, "cannot read"), (truncated, "is unreadable"), (tmp_path / "nowhere", "no trainer_state.json"),
+             (foreign, "was not written by minidpo")]
     for checkpoint, message in cases:
         assert run(argv + ["--resume_from_checkpoint", checkpoint]) == 1
         line = one_error_line(capsys)
