@@ -352,9 +352,12 @@ class OpenAIJudge(PairwiseJudge):
                     raise RuntimeError(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
             time.sleep(self.backoff * 2 ** attempt * (1 + random.random()))
         try:
-            return json.loads(body)["choices"][0]["message"]["content"] or ""
+            content = json.loads(body)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
-            raise RuntimeError(f"not a chat-completions reply: {body[:100]!r}") from None
+            content = None
+        if not isinstance(content, str):  # e.g. a list of content parts: not an answer of "0" or "1"
+            raise RuntimeError(f"not a chat-completions reply with text content: {body[:100]!r}")
+        return content
 
     def judge(self, prompts, completion_pairs, shuffle_order=True):
         swapped = [False] * len(completion_pairs)

@@ -459,10 +459,11 @@ def test_openai_every_pair_failing_raises(endpoint):
         openai_judge(server.url).judge(["q"], [("a", "b")])
     assert len(server.requests) == 1
 
-    # A 200 that is not a chat-completions reply is a failure too.
-    server = endpoint(lambda n, body: (200, None, 0))
-    with pytest.raises(JudgeError, match="not a chat-completions reply"):
-        openai_judge(server.url).judge(["q"], [("a", "b")])
+    # A 200 that is not a chat-completions reply with text is a failure too.
+    for content in (None, [{"type": "text", "text": "1"}]):  # not JSON; a list of content parts
+        server = endpoint(lambda n, body: (200, content, 0))
+        with pytest.raises(JudgeError, match="not a chat-completions reply"):
+            openai_judge(server.url).judge(["q"], [("a", "b")])
 
     # Nothing listening at all.
     port = server.server.server_address[1]
