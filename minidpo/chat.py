@@ -32,8 +32,9 @@ class Chat:
     def reply(self, message: str, out=sys.stdout) -> str:
         """The model's answer to `message` after the conversation so far, written to `out` token by
         token; both turns join the history."""
-        self.history.append({"role": "user", "content": message})
-        ids = self.tokenizer.apply_chat_template(self.history, add_generation_prompt=True, tokenize=True)
+        conversation = self.history + [{"role": "user", "content": message}]
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        self.history = conversation  # only once the template has taken it
         device = self.model.embed.weight.device
         prompt = torch.tensor([ids], device=device)
         # Sampler.generate returns only when the whole reply is done; to stream, drive its prefill
@@ -75,11 +76,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def flag_error(args) -> str | None:
+    if args.temperature < 0:
+        return f"--temperature must be >= 0, got {args.temperature}"
+    if not 0 < args.top_p <= 1:
+        return f"--top_p must be in (0, 1], got {args.top_p}"
+    if args.top_k < 0:
+        return f"--top_k must be >= 0, got {args.top_k}"
+    if args.max_new_tokens < 1:
+        return f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {args.device}: this machine has no CUDA device (use --device cpu)"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if message := flag_error(args):
+        print_error(message)
+        return 2
     try:
         model, tokenizer = load_pretrained(args.model_name_or_path, device=args.device)
-    except (ValueError, OSError, ImportError) as e:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"{args.model_name_or_path} has no chat template: chat needs an instruct model")
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
         print_error(error_line(e))
         return 1
     chat = Chat(model.eval(), tokenizer, args.system, args.temperature, args.top_p, args.top_k,
@@ -97,7 +117,10 @@ def main(argv=None) -> int:
             chat.clear()
             print("(history cleared)", file=sys.stderr)
         elif line:
-            chat.reply(line)
+            try:
+                chat.reply(line)
+            except ValueError as e:  # the chat template refused the conversation; it stays as it was
+                print_error(error_line(e))
 
 
 if __name__ == "__main__":
