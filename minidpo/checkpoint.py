@@ -355,8 +355,7 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     Everything goes into a temporary sibling directory that is renamed into place when complete:
     a crash leaves the previous checkpoint (if any) intact and never a half-written one."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     try:
         write_pretrained(model.state_dict(), model.cfg, tmp, tokenizer, max_shard_bytes)
         replace_dir(tmp, out_dir)
@@ -405,6 +404,17 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """A new hidden directory next to target, to build it in and rename into place. mkdtemp makes
+    it private (0700), which the rename would keep; it gets what a plain mkdir would give instead."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
 
 
 def replace_dir(new: Path, target: Path):

