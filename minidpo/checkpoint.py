@@ -317,6 +317,8 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(cfg).to(device=device)  # a buffer, not in the files: still on meta
     model.cfg.hf_config = hf
+    generation = path / "generation_config.json"  # sampling defaults (temperature, top_p, ...) kept on save
+    model.cfg.generation_config = read_json(generation) if generation.is_file() else None
     return model
 
 
@@ -376,10 +378,12 @@ def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=Non
     hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     write_shards(tensors, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    generation = dict(cfg.generation_config or {})
     if tokenizer is not None:
         tokenizer.save(out_dir)
-        generation = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                      "eos_token_id": tokenizer.eos_token_ids}
+        generation |= {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                       "eos_token_id": tokenizer.eos_token_ids}
+    if generation:
         (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 

@@ -54,6 +54,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     num_labels: int = 0  # > 0: a sequence-classification (reward) model with a `score` head
     hf_config: dict | None = field(default=None, repr=False)  # the config.json it came from; saved back
+    generation_config: dict | None = field(default=None, repr=False)  # its generation_config.json, if any; saved back
 
     def __post_init__(self):
         if self.rotary_dim is None:

@@ -290,6 +290,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(minidpo.load_model(str(out)).embed.weight, model.embed.weight)
 
 
+def test_save_keeps_the_sampling_defaults(tmp_path):
+    make(tmp_path / "src", llama(), T.LlamaForCausalLM)
+    settings = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "eos_token_id": [2, 3]}
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps(settings))
+    out = minidpo.save_pretrained(minidpo.load_model(str(tmp_path / "src")), tmp_path / "out")
+    assert json.loads((out / "generation_config.json").read_text()) == settings
+    loaded = T.GenerationConfig.from_pretrained(out)
+    assert (loaded.do_sample, loaded.temperature, loaded.top_p, loaded.top_k) == (True, 0.7, 0.8, 20)
+
+
 def test_saved_directory_gets_the_usual_permissions(tmp_path):
     make(tmp_path / "src", llama(), T.LlamaForCausalLM)
     out = minidpo.save_pretrained(minidpo.load_model(str(tmp_path / "src")), tmp_path / "out")
