@@ -163,6 +163,9 @@ class Trainer:
     def train_step(self, batches) -> dict:
         cfg = self.cfg
         metrics = {}
+        # Pairs per rank in a step when every pair counts: each micro-batch's summed loss is divided
+        # by it, so the gradient is already the mean when no pair is left undecided.
+        expected_pairs = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         for i in range(cfg.gradient_accumulation_steps):
             epoch, batch = next(batches)
             if self.dist.world_size > 1:  # FSDP: reduce-scatter the gradients once, after the last micro-batch
@@ -171,16 +174,17 @@ class Trainer:
             micro_step = self.reward_micro_step if cfg.objective == "reward" else self.online_dpo_micro_step
             loss_sum, pairs, micro_metrics = micro_step(batch, beta)
             self.stop_unless_finite("loss", loss_sum)
-            loss_sum.backward()
+            (loss_sum / expected_pairs).backward()
             micro_metrics["loss"] = (loss_sum.detach(), pairs)
             add_metrics(metrics, micro_metrics)
         # The step's loss is the mean over the pairs of all its micro-batches on all ranks (pairs the
-        # judge left undecided do not count), the same however the batch is split. Each backward
-        # took its micro-batch's sum and FSDP averaged the gradients over the ranks, so the
-        # gradients are scaled by world_size / pairs in the whole batch.
-        pairs = all_reduce_sum(metrics["loss"][1].clone()).clamp(min=1)
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, self.dist.world_size / pairs.item())
+        # judge left undecided do not count), the same however the batch is split. FSDP averaged the
+        # gradients over the ranks, so they are the sum over pairs / (world_size * expected_pairs):
+        # rescaled when fewer pairs counted.
+        counted_pairs = all_reduce_sum(metrics["loss"][1].clone()).clamp(min=1).item()
+        if counted_pairs != self.dist.world_size * expected_pairs:
+            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, self.dist.world_size * expected_pairs / counted_pairs)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):  # under FSDP: the norm over all shards, replicated on every rank
