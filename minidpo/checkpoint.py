@@ -147,7 +147,7 @@ def neox_qkv_to_hf(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -21,20 +21,14 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
+from .checkpoint import read_json
+
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _read_json(path: Path) -> dict:
-    """A JSON object from an optional file: {} when the file is absent, a one-line error when it is broken."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
-    return value
+    """An optional file's JSON object: {} when the file is absent."""
+    return read_json(path) if path.is_file() else {}
 
 
 def _token_text(value) -> str | None:
