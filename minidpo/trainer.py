@@ -443,8 +443,8 @@ def publish(tmp: Path, target: Path):
     for old in [target / index, *target.glob("model*.safetensors")]:
         if old.exists() and (sharded or not (tmp / old.name).exists()):
             old.unlink()
-    last = [index, "config.json"]
-    for f in sorted(tmp.iterdir(), key=lambda p: last.index(p.name) + 1 if p.name in last else 0):
+    move_order = {index: 1, "config.json": 2}  # everything else (0) first
+    for f in sorted(tmp.iterdir(), key=lambda p: move_order.get(p.name, 0)):
         os.replace(f, target / f.name)
     tmp.rmdir()
 
