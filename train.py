@@ -11,15 +11,17 @@ import sys
 
 from minidpo.config import parse_args
 from minidpo.distributed import shutdown
-from minidpo.tracking import error_line, print_error
+from minidpo.common import error_line, print_error
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)  # exits with a one-line message on a bad flag
-    from minidpo.trainer import Trainer  # after parsing, so that --help answers at once
+    # Imported after parsing, so that --help answers at once.
+    from minidpo.reward_trainer import RewardTrainer
+    from minidpo.trainer import Trainer
 
     try:
-        Trainer(cfg).train()
+        (RewardTrainer if cfg.objective == "reward" else Trainer)(cfg).train()
     except (ValueError, OSError, ImportError, RuntimeError) as e:
         if os.environ.get("MINIDPO_DEBUG"):
             raise

@@ -189,7 +189,7 @@ def run_minidpo(args, workdir):
     for i in range(args.steps + 1):
         parts.update(dict.fromkeys(PARTS, 0.0))
         start = now()
-        trainer.train_step(batches)
+        trainer.train_step([next(batches)])
         trainer.step += 1
         seconds = now() - start
         if i:  # step 0 is the warm-up

@@ -23,7 +23,6 @@ from minidpo import load_pretrained
 from minidpo.data import load_prompts
 from minidpo.judges import RewardModel, RewardModelJudge, make_judge
 from minidpo.sampler import Sampler
-from minidpo.trainer import render_prompt
 
 
 def wilson_interval(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -44,8 +43,7 @@ def generate(path, prompts, args, seed) -> list[str]:
     completions = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        ids, mask = tokenizer([render_prompt(tokenizer, p) for p in batch],
-                              add_special_tokens=[isinstance(p, str) for p in batch])
+        ids, mask = tokenizer.encode_rows(batch)
         out = sampler.generate(ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                eos_token_ids=tokenizer.eos_token_ids, pad_token_id=tokenizer.pad_token_id,
                                generator=generator)

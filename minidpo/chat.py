@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from . import load_pretrained
-from .sampler import Sampler, sample
-from .tracking import error_line, print_error
+from .checkpoint import load_pretrained
+from .sampler import Sampler
+from .common import error_line, print_error
 
 
 class Chat:
@@ -28,35 +28,25 @@ class Chat:
     def clear(self):
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
-    @torch.inference_mode()
     def reply(self, message: str, out=sys.stdout) -> str:
         """The model's answer to `message` after the conversation so far, written to `out` token by
         token; both turns join the history."""
         conversation = self.history + [{"role": "user", "content": message}]
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         self.history = conversation  # only once the template has taken it
-        device = self.model.embed.weight.device
-        prompt = torch.tensor([ids], device=device)
-        # Sampler.generate returns only when the whole reply is done; to stream, drive its prefill
-        # and one-token decode steps here, one token at a time.
-        self.sampler.reserve(1, len(ids) + self.max_new_tokens)
         new, shown = [], ""
-        with self.sampler.compute_dtype():
-            logits = self.sampler.prefill(prompt, torch.ones_like(prompt), 1)
-            for t in range(self.max_new_tokens):
-                token = sample(logits, self.temperature, self.top_k, self.top_p, generator=self.generator)
-                if token.item() in self.tokenizer.eos_token_ids:
-                    break
-                new.append(token.item())
-                # Decode everything so far, not the token alone: a byte-level token may be half of a
-                # character (decoded as U+FFFD until its other half comes), and a leading space may
-                # depend on the previous token.
-                text = self.tokenizer.decode(new)
-                if not text.endswith("\ufffd"):
-                    out.write(text[len(shown):])
-                    out.flush()
-                    shown = text
-                logits = self.sampler.decode(token, torch.tensor([len(ids) + t], device=device))
+        for token in self.sampler.stream(torch.tensor([ids]), self.max_new_tokens, self.temperature, self.top_k,
+                                         self.top_p, eos_token_ids=self.tokenizer.eos_token_ids,
+                                         generator=self.generator):
+            new.append(token)
+            # Decode everything so far, not the token alone: a byte-level token may be half of a
+            # character (decoded as U+FFFD until its other half comes), and a leading space may
+            # depend on the previous token.
+            text = self.tokenizer.decode(new)
+            if not text.endswith("\ufffd"):
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
         text = self.tokenizer.decode(new)
         out.write(text[len(shown):] + "\n")
         self.history.append({"role": "assistant", "content": text})

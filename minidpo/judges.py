@@ -23,6 +23,7 @@ import http.client
 import importlib
 import importlib.util
 import json
+import math
 import os
 import random
 import time
@@ -31,6 +32,7 @@ import urllib.request
 
 import torch
 
+from .checkpoint import load_pretrained
 from .model import last_token_scores
 
 DEFAULT_INSTRUCTION = "Which response answers the question better: more helpful, correct and concise?"
@@ -117,24 +119,11 @@ def brevity(prompts, completions, **kwargs) -> list[float]:
 # Pointwise scores: a tensor [N] for N (prompt, completion) rows.
 
 
-def render_completion(tokenizer, prompt, completion) -> str:
-    """Prompt + completion as one text for a model that reads them together (a reward model): a
-    conversation through the tokenizer's chat template, the completion as the assistant's turn;
-    a plain prompt followed by the completion text. Encode a conversation without special tokens
-    (the template writes BOS itself) and a plain text with them. A sampled completion is text; a
-    conversational preference row's chosen or rejected is already a list of messages."""
-    if isinstance(prompt, str):
-        return prompt + completion
-    if isinstance(completion, str):
-        completion = [{"role": "assistant", "content": completion}]
-    return tokenizer.apply_chat_template(prompt + completion)
-
-
 class RewardModel:
     """A sequence-classification model (num_labels=1) and its own tokenizer, scoring completions.
 
     Each prompt + completion is re-rendered with the reward model's own tokenizer, as its training
-    data looked (render_completion). Rows are padded on `padding_side` (the score is
+    data looked (Tokenizer.render). Rows are padded on `padding_side` (the score is
     read at each row's last real token, so either side works) and, with max_length, truncated from
     the left so that the end of the completion is always scored.
     """
@@ -148,21 +137,17 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device=None, **options) -> "RewardModel":
-        from . import load_pretrained
-
         model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
         return cls(model, tokenizer, **options)
 
     @torch.inference_mode()
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        add_special = [isinstance(p, str) for p in prompts]  # see render_completion
-        texts = [render_completion(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
         scores = []
-        for start in range(0, len(texts), self.batch_size):
+        for start in range(0, len(prompts), self.batch_size):
             rows = slice(start, start + self.batch_size)
-            ids, mask = self.tokenizer(texts[rows], padding_side=self.padding_side,
-                                       add_special_tokens=add_special[rows], max_length=self.max_length)
+            ids, mask = self.tokenizer.encode_rows(prompts[rows], completions[rows], padding_side=self.padding_side,
+                                                   max_length=self.max_length)
             ids, mask = ids.to(device), mask.to(device)
             scores.append(last_token_scores(self.model(ids, mask), mask)[:, 0].float())
         return torch.cat(scores)
@@ -261,8 +246,6 @@ class LLMJudge(PairwiseJudge):
     @classmethod
     def from_pretrained(cls, path: str = "offline:SmolLM2-135M-Instruct", dtype=None, device=None,
                         **options) -> "LLMJudge":
-        from . import load_pretrained
-
         model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
         return cls(model, tokenizer, **options)
 
@@ -400,3 +383,54 @@ def make_judge(name: str, **options) -> PairwiseJudge:
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; available judges: {', '.join(JUDGES)}")
     return JUDGES[name](**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's use of all of the above.
+
+
+class Preference:
+    """Which of each prompt's n sampled completions are chosen and rejected (the rollout's last part).
+
+    A pairwise judge compares a prompt's two completions; -1 (undecided) drops the pair. A reward
+    model and/or reward functions score each completion, completions without EOS lose
+    missing_eos_penalty, and the best-scored completion is chosen, the worst rejected. Of two
+    scores the higher wins and the first on a tie, as in the reference.
+    """
+
+    def __init__(self, cfg, device):
+        self.judge, self.scorers, self.penalty = None, [], cfg.missing_eos_penalty
+        if cfg.judge:
+            options = {}
+            if cfg.judge == "llm":
+                options = {"path": cfg.judge_model or cfg.model_name_or_path, "device": device}
+                if cfg.judge_instruction:
+                    options["instruction"] = cfg.judge_instruction
+            self.judge = make_judge(cfg.judge, **options)
+        if cfg.reward_model_path:
+            self.scorers.append(RewardModel.from_pretrained(
+                cfg.reward_model_path, dtype=torch.bfloat16 if cfg.bf16 else None, device=device,
+                max_length=cfg.max_length))
+        if cfg.reward_funcs:
+            self.scorers.append(RewardFunctions([load_reward_function(f) for f in cfg.reward_funcs]))
+
+    def __call__(self, prompts: list, completions: list[str], has_eos: torch.Tensor, n: int = 2):
+        """(chosen [B], rejected [B], decided [B] bool, scores [B*n] or None) for B prompts whose
+        completions are rows b*n .. b*n+n-1 of `completions` and has_eos [B*n]; chosen and
+        rejected index into a prompt's n completions."""
+        B = len(prompts)
+        if self.judge is not None:
+            pairs = [(completions[n * b], completions[n * b + 1]) for b in range(B)]
+            verdicts = torch.tensor(self.judge.judge([prompt_text(p) for p in prompts], pairs))
+            second = (verdicts == 1).long()
+            return second, 1 - second, verdicts != -1, None
+        rows = [p for p in prompts for _ in range(n)]
+        scores = sum(scorer(rows, completions).float().cpu() for scorer in self.scorers)
+        if self.penalty:
+            scores = scores - self.penalty * (~has_eos.cpu()).float()
+        groups = scores.view(B, n)
+        chosen = groups.argmax(1)  # the first of equal best scores
+        rejected = groups.scatter(1, chosen[:, None], math.inf).argmin(1)  # the worst of the others
+        # Of two equal scores the first wins, as in the reference; more than two all equal say nothing.
+        decided = groups.amax(1) > groups.amin(1) if n > 2 else torch.ones(B, dtype=torch.bool)
+        return chosen, rejected, decided, scores

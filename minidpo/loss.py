@@ -1,10 +1,10 @@
 """The online DPO / IPO losses, the Bradley-Terry reward-model loss, and metrics (log-probabilities: logprobs.py).
 
-Row layout used throughout: a step has B prompts with two completions each; tensors over
-sequences hold the B chosen completions first, then the B rejected ones ([2B, ...]).
+A step has B prompts with two completions each; per-completion tensors are [B, 2], the chosen
+completion in column 0 and the rejected one in column 1 (the trainer's Rollout layout).
 
 Metrics come back as (sum, count) pairs, not means, so that ranks holding different numbers of
-valid pairs all-reduce into the right global mean; metric_means divides at the end.
+valid pairs all-reduce into the right global mean (tracking.Metrics divides at the end).
 """
 
 import torch
@@ -42,35 +42,34 @@ def bradley_terry_loss(chosen_scores, rejected_scores):
     return loss, (margin > 0).float().mean().detach(), margin.mean().detach()
 
 
-def online_dpo_metrics(logps, ref_logps, completion_mask, contain_eos, beta: float, valid=None, scores=None):
-    """The reference's logged metrics as {name: (sum, count)} of 0-dim fp32 tensors.
+def online_dpo_metrics(logps, ref_logps, contain_eos, beta: float, valid=None, scores=None):
+    """The reference's logged metrics as {name: (sum, count)} of 0-dim tensors.
 
-    logps, ref_logps [2B, C]: token log-probs under the policy and the reference (no grad needed);
-    completion_mask [2B, C]: 1 on completion tokens; contain_eos [2B] (bool); valid [B] (bool);
-    scores [2B]: reward-model scores (missing-EOS penalty included), when there is a reward model.
+    Pair layout, as the trainer's Rollout: row b is prompt b, column 0 its chosen completion,
+    column 1 the rejected one. logps, ref_logps [B, 2]: each completion's log-prob summed over its
+    tokens, under the policy and the reference (no grad needed); contain_eos [B, 2] (bool);
+    valid [B] (bool); scores [B, 2]: reward scores (missing-EOS penalty included), when there are.
     objective/* and val/* average over all 2B completions; rewards/* and logps/* over valid pairs.
     """
-    logps, ref_logps = logps.detach().float(), ref_logps.detach().float()
-    mask = completion_mask.float()
-    B = len(logps) // 2
-    valid = torch.ones(B, dtype=torch.bool, device=logps.device) if valid is None else valid
+    seq_logps, ref_seq_logps = logps.detach().float(), ref_logps.detach().float()
+    B = len(seq_logps)
+    valid = torch.ones(B, dtype=torch.bool, device=seq_logps.device) if valid is None else valid
     n_valid = valid.sum().float()
 
-    def over_sequences(x):  # x [2B]
-        return x.sum(), torch.tensor(float(len(x)), device=x.device)
+    def over_sequences(x):  # x [B, 2]
+        return x.sum(), torch.tensor(float(x.numel()), device=x.device)
 
     def over_pairs(x):  # x [B]
         return torch.where(valid, x, 0.0).sum(), n_valid
 
-    # Unlike TRL, every per-sequence sum here runs over completion tokens only: TRL's KL and
-    # entropy also add up the log-probs at padding positions after EOS.
-    seq_logps = (logps * mask).sum(1)
-    kl = ((logps - ref_logps) * mask).sum(1)  # sum_t log pi - log pi_ref, the k1 estimate of KL
+    # Unlike TRL, the sums run over completion tokens only: TRL's KL and entropy also add up the
+    # log-probs at padding positions after EOS.
+    kl = seq_logps - ref_seq_logps  # sum_t log pi - log pi_ref, the k1 estimate of KL
     # TRL's sign, not its docs': non_score_reward = -beta * KL, so rlhf_reward = scores + non_score_reward.
     non_score_reward = -beta * kl
     # reward of the implicit reward model: beta * (log pi(y) - log pi_ref(y))
-    rewards = beta * (seq_logps - (ref_logps * mask).sum(1))
-    chosen, rejected = rewards[:B], rewards[B:]
+    rewards = beta * kl
+    chosen, rejected = rewards[:, 0], rewards[:, 1]
 
     metrics = {
         "objective/kl": over_sequences(kl),
@@ -81,29 +80,16 @@ def online_dpo_metrics(logps, ref_logps, completion_mask, contain_eos, beta: flo
         scores = scores.detach().float()
         metrics["objective/rlhf_reward"] = over_sequences(scores + non_score_reward)
         metrics["objective/scores"] = over_sequences(scores)
-        metrics["objective/scores_margin"] = over_pairs(scores[:B] - scores[B:])
+        metrics["objective/scores_margin"] = over_pairs(scores[:, 0] - scores[:, 1])
     metrics |= {
         "rewards/chosen": over_pairs(chosen),
         "rewards/rejected": over_pairs(rejected),
         "rewards/margins": over_pairs(chosen - rejected),
         "rewards/accuracies": over_pairs((chosen > rejected).float()),
-        "logps/chosen": over_pairs(seq_logps[:B]),
-        "logps/rejected": over_pairs(seq_logps[B:]),
+        "logps/chosen": over_pairs(seq_logps[:, 0]),
+        "logps/rejected": over_pairs(seq_logps[:, 1]),
         "val/contain_eos_token": over_sequences(contain_eos.float()),
         # float64, so that the log reads beta 0.1 and not fp32's 0.10000000149011612
         "beta": (torch.tensor(beta, dtype=torch.float64, device=logps.device), torch.tensor(1.0, device=logps.device)),
     }
     return metrics
-
-
-def add_metrics(total: dict, metrics: dict) -> dict:
-    """Add {name: (sum, count)} into `total` in place (over micro-batches, steps), and return it."""
-    for name, (s, c) in metrics.items():
-        prev_s, prev_c = total.get(name, (0.0, 0.0))
-        total[name] = (prev_s + s, prev_c + c)
-    return total
-
-
-def metric_means(metrics) -> dict[str, float]:
-    """{name: sum / count} as floats, after any cross-rank sum; metrics with count 0 are left out."""
-    return {name: (s / c).item() for name, (s, c) in metrics.items() if c > 0}

@@ -252,7 +252,7 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, slots=None, logits_to_keep=0,
-                positions=None, targets=None):
+                positions=None, block_mask=None, targets=None):
         """Logits [B, T, vocab] (a reward model: [B, T, num_labels]).
 
         input_ids [B, T]; attention_mask [B, T] with 0 at padding (None: no padding).
@@ -260,13 +260,13 @@ class Transformer(nn.Module):
         attend to every valid earlier column. logits_to_keep: an int k > 0 projects only the last
         k positions (the sampler needs one; the full [B, T, vocab] would dwarf the rest of a
         prefill), a LongTensor [K] projects those positions of every row.
-        A packed batch (packing.py) gives `positions` [B, T] and, as attention_mask, which keys
-        each query sees [B, T, T] (bool). With targets [B, K] (K: the positions kept) it returns
+        A packed batch (packing.py) gives `positions` [B, T] and `block_mask` [B, T, T] (bool): which
+        keys each query sees, in place of attention_mask. With targets [B, K] (K: the positions kept) it returns
         log p(targets) [B, K] in fp32 instead of logits, never holding them whole (logprobs.py).
         """
         B, T = input_ids.shape
-        if positions is not None:
-            mask = attention_mask[:, None]
+        if block_mask is not None:
+            mask = block_mask[:, None]
         elif cache is not None:
             new_valid = attention_mask.bool() if attention_mask is not None else True
             cache.valid[:, slots] = new_valid

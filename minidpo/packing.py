@@ -24,7 +24,7 @@ import torch
 class PackedPairs:
     input_ids: torch.Tensor  # [B, P + 2C]
     positions: torch.Tensor  # [B, P + 2C] rotary positions
-    attention_mask: torch.Tensor  # [B, P + 2C, P + 2C] bool: which keys (last axis) each query sees
+    block_mask: torch.Tensor  # [B, P + 2C, P + 2C] bool: which keys (last axis) each query sees
     predicting: torch.Tensor  # [2C] the columns whose logits predict `targets`, the same in every row
     targets: torch.Tensor  # [B, 2C] the chosen completion's tokens, then the rejected one's
 

@@ -147,6 +147,26 @@ class Sampler:
             return self._generate(input_ids.to(device), attention_mask.to(device), n, max_new_tokens, temperature,
                                   top_k, top_p, min_p, eos_token_ids, pad_token_id, min_new_tokens, generator)
 
+    @torch.no_grad()
+    def stream(self, input_ids, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+               eos_token_ids=(), generator=None):
+        """Yield one completion of one prompt (input_ids [1, P], no padding) token id by token id, as
+        each is sampled: for a reply shown while it is written (the chat CLI). Stops after
+        max_new_tokens or at an EOS, which is not yielded."""
+        device = self.model.embed.weight.device
+        prompt = input_ids.to(device)
+        self.reserve(1, prompt.shape[1] + max_new_tokens)
+        for t in range(max_new_tokens):
+            with self.compute_dtype():
+                if t == 0:
+                    logits = self.prefill(prompt, torch.ones_like(prompt), 1)
+                else:
+                    logits = self.decode(token, torch.tensor([prompt.shape[1] + t - 1], device=device))
+                token = sample(logits, temperature, top_k, top_p, min_p, generator)
+            if token.item() in eos_token_ids:
+                return
+            yield token.item()
+
     def compute_dtype(self):
         device_type = self.model.embed.weight.device.type
         return torch.autocast(device_type, self.dtype, enabled=self.autocast, cache_enabled=not self.use_graphs)

@@ -21,7 +21,7 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
-from .checkpoint import read_json
+from .common import read_json
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -143,6 +143,31 @@ class Tokenizer:
                 mask.append([1] * len(r) + [0] * fill)
         shape = (len(rows), width)
         return torch.tensor(ids, dtype=torch.long).view(shape), torch.tensor(mask, dtype=torch.long).view(shape)
+
+    def render(self, prompt, completion=None) -> str:
+        """The text a model reads for a prompt, or a prompt and its completion (a reward model's input).
+
+        A plain prompt is its text, the completion appended. A conversation (a list of {"role",
+        "content"} messages) goes through the chat template: a completion becomes the assistant's
+        turn (a completion that is a list of messages is appended as it is); without one the text
+        ends with the generation prompt, where the assistant's answer starts."""
+        if isinstance(prompt, str):
+            return prompt + (completion or "")
+        if completion is None:
+            return self.apply_chat_template(prompt, add_generation_prompt=True)
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        return self.apply_chat_template(prompt + completion)
+
+    def encode_rows(self, prompts: list, completions: list | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of render(prompt, completion) for each row; kwargs as for __call__.
+
+        The one place of the rule for special tokens: a plain prompt gets the tokenizer's own (its
+        post-processor adds BOS where the model wants one), a rendered conversation does not (the
+        chat template wrote them, and encoding with them would add a second BOS)."""
+        completions = completions if completions is not None else [None] * len(prompts)
+        texts = [self.render(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return self(texts, add_special_tokens=[isinstance(p, str) for p in prompts], **kwargs)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):

@@ -1,12 +1,43 @@
-"""Where metrics go: stdout, output_dir/metrics.jsonl, and TensorBoard or W&B when asked for.
-
-Only rank 0 writes; the trainer reduces metrics over ranks before they get here.
+"""Metrics: summed over micro-batches, steps and ranks (Metrics), then written to stdout,
+output_dir/metrics.jsonl, and TensorBoard or W&B when asked for (Tracker, rank 0 only).
 """
 
 import json
-import sys
 import time
 from pathlib import Path
+
+import torch
+
+from .distributed import all_reduce_sum
+
+
+class Metrics:
+    """Named metrics as (sum, count) pairs, added up over micro-batches, steps and ranks; a mean is
+    taken only at the end. Ranks and micro-batches hold different numbers of decided pairs, so a
+    mean of means would weigh them wrongly; a sum of sums and counts does not."""
+
+    def __init__(self):
+        self.totals = {}  # name -> (sum, count), 0-dim tensors or floats
+
+    def add(self, metrics: dict):
+        """Add {name: (sum, count)}."""
+        for name, (s, c) in metrics.items():
+            prev_s, prev_c = self.totals.get(name, (0.0, 0.0))
+            self.totals[name] = (prev_s + s, prev_c + c)
+
+    def reduce(self, device) -> "Metrics":
+        """The totals summed over all ranks, in one all-reduce (float64, so beta reads 0.1)."""
+        names = sorted(self.totals)
+        packed = torch.tensor([[float(self.totals[n][0]), float(self.totals[n][1])] for n in names],
+                              dtype=torch.float64)
+        packed = all_reduce_sum(packed.to(device)).cpu()
+        total = Metrics()
+        total.totals = {n: (packed[i, 0].item(), packed[i, 1].item()) for i, n in enumerate(names)}
+        return total
+
+    def means(self) -> dict[str, float]:
+        """{name: sum / count}; metrics with count 0 (e.g. no decided pair) are left out."""
+        return {name: float(s / c) for name, (s, c) in self.totals.items() if c > 0}
 
 
 class Tracker:
@@ -95,13 +126,3 @@ def progress_line(step: int, total: int, elapsed: float, metrics: dict) -> str:
     parts = [f"[{bar}] {step}/{total} {minutes}m{seconds:02d}s"]
     parts += [f"{name.split('/')[-1]} {metrics[name]:.4g}" for name in SHOWN if name in metrics]
     return " | ".join(parts)
-
-
-def error_line(e: BaseException) -> str:
-    """An exception as one line for the user: its message's first line, or its type if it has none."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def print_error(message: str):
-    print(f"error: {message}", file=sys.stderr)

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py; fakes.py is beside this file
 
 import train  # noqa: E402
+from fakes import FixedSampler  # noqa: E402
 from minidpo.config import parse_args  # noqa: E402
 from minidpo.data import load_prompts  # noqa: E402
 from minidpo.distributed import all_reduce_sum, full_state_dict, shutdown  # noqa: E402
-from minidpo.sampler import Completions  # noqa: E402
 from minidpo.trainer import Trainer  # noqa: E402
 
 RULE = ["--reward_funcs", "minidpo.judges:brevity"]
@@ -36,29 +36,15 @@ def flags(world, out, *extra):
                              "--save_steps", 0, *RULE, *extra]]
 
 
-def fixed_generate(eos: int, vocab: int):
-    """A stand-in for Sampler.generate: two completions per prompt, a function of the prompt's
-    tokens alone, so that any split of the prompts over ranks sees the same completions."""
-    def generate(prompt_ids, prompt_mask, n=2, **_):
-        rows = []
-        for ids, mask in zip(prompt_ids, prompt_mask):
-            w = 4 + int(ids[mask > 0].sum()) % (vocab - 8)
-            rows += [[w, eos, 0, 0], [w + 1, w + 2, w + 3, eos]]
-        ids = torch.tensor(rows)
-        mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]] * len(prompt_ids))
-        return Completions(ids, mask, torch.ones(len(rows), dtype=torch.bool))
-    return generate
-
-
 def one_step(world, out, tag, batch, accumulation, *extra):
     """One optimizer step on a fixed split of the first 8 prompts: rank r, micro-batch m takes the
     `batch` prompts starting at (r * accumulation + m) * batch, so the ranks cover them in order."""
     trainer = Trainer(parse_args(flags(world, out / tag, "--per_device_train_batch_size", batch,
                                        "--gradient_accumulation_steps", accumulation, "--max_steps", 1, *extra)))
-    trainer.sampler.generate = fixed_generate(trainer.tokenizer.eos_token_id, trainer.policy.cfg.vocab_size)
+    trainer.sampler = FixedSampler(4, trainer.tokenizer.vocab_size)
     prompts = load_prompts(world["prompts"])
     rank = trainer.dist.rank
-    batches = iter([(0, prompts[(rank * accumulation + m) * batch:][:batch]) for m in range(accumulation)])
+    batches = [(0, prompts[(rank * accumulation + m) * batch:][:batch]) for m in range(accumulation)]
     grads, optimizer_step = {}, trainer.optimizer.step
 
     def step_keeping_gradients(*args, **kwargs):
@@ -67,14 +53,14 @@ def one_step(world, out, tag, batch, accumulation, *extra):
         return optimizer_step(*args, **kwargs)
 
     trainer.optimizer.step = step_keeping_gradients
-    metrics = trainer.train_step(batches)
+    metrics, grad_norm = trainer.train_step(batches)
     loss = all_reduce_sum(torch.stack([metrics["loss"][0], metrics["loss"][1]]))
     weights = full_state_dict(trainer.policy)
     if rank == 0:
         save_file({f"grad.{k}": v.contiguous() for k, v in grads.items()}
                   | {f"weight.{k}": v.contiguous() for k, v in weights.items()}, out / f"{tag}.safetensors")
         (out / f"{tag}.json").write_text(json.dumps({"loss": (loss[0] / loss[1]).item(),
-                                                     "grad_norm": float(metrics["grad_norm"][0])}))
+                                                     "grad_norm": grad_norm.item()}))
     return trainer
 
 
@@ -87,7 +73,7 @@ def equivalence(world, out):
     # A real rollout under --bf16: the gathered weights are bf16 and so must the KV cache be.
     trainer = Trainer(parse_args(flags(world, out / "bf16", "--per_device_train_batch_size", 2, "--max_steps", 1,
                                        "--bf16")))
-    metrics = trainer.train_step(trainer.micro_batches())
+    metrics, _ = trainer.train_step([next(trainer.micro_batches())])
     if trainer.dist.rank == 0:
         (out / "bf16.json").write_text(json.dumps({"cache_dtype": str(trainer.sampler.cache.k[0].dtype),
                                                    "loss": float(metrics["loss"][0] / metrics["loss"][1])}))
@@ -104,7 +90,7 @@ def runs(world, out):
     log = Trainer.log
 
     def log_keeping_window(self, window, last, seconds):
-        rows = {name: [float(s), float(c)] for name, (s, c) in window.items()}
+        rows = {name: [float(s), float(c)] for name, (s, c) in window.totals.items()}
         with open(out / f"window-rank{self.dist.rank}.jsonl", "a") as f:
             f.write(json.dumps(rows) + "\n")
         return log(self, window, last, seconds)

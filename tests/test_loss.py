@@ -3,7 +3,26 @@ import math
 import pytest
 import torch
 
-from minidpo.loss import bradley_terry_loss, dpo_loss, metric_means, online_dpo_metrics
+from minidpo import loss
+from minidpo.loss import bradley_terry_loss, dpo_loss
+from minidpo.tracking import Metrics
+
+
+def as_pairs(x):
+    """[2B, ...] (the B chosen rows, then the B rejected ones) -> the rollout's [B, 2, ...]."""
+    return x.view(2, len(x) // 2, *x.shape[1:]).transpose(0, 1)
+
+
+def online_dpo_metrics(logps, ref_logps, mask, contain_eos, beta, valid=None, scores=None):
+    """loss.online_dpo_metrics on token log-probs [2B, C] and a mask, summed here per completion."""
+    return loss.online_dpo_metrics(as_pairs((logps * mask).sum(1)), as_pairs((ref_logps * mask).sum(1)),
+                                   as_pairs(contain_eos), beta, valid, None if scores is None else as_pairs(scores))
+
+
+def metric_means(metrics: dict) -> dict:
+    total = Metrics()
+    total.add(metrics)
+    return total.means()
 
 
 def sigmoid(x):

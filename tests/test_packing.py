@@ -24,7 +24,7 @@ def test_layout_by_hand():
             [0, 1, 1, 1, 1, 0, 0],
             [0, 1, 1, 0, 0, 1, 0],  # the rejected completion skips the chosen one
             [0, 1, 1, 0, 0, 1, 1]]
-    assert pairs.attention_mask.int().tolist() == [sees]
+    assert pairs.block_mask.int().tolist() == [sees]
 
 
 def rows_and_pairs():
@@ -57,7 +57,7 @@ def test_packed_logprobs_match_transformers_rows(tmp_path, name):
     prompts, prompt_mask, (chosen, chosen_mask), (rejected, rejected_mask) = rows_and_pairs()
     pairs = pack_pairs(prompts, prompt_mask, chosen, rejected)
     with torch.no_grad():
-        packed = model(pairs.input_ids, pairs.attention_mask, positions=pairs.positions,
+        packed = model(pairs.input_ids, positions=pairs.positions, block_mask=pairs.block_mask,
                        logits_to_keep=pairs.predicting, targets=pairs.targets)
 
         def theirs(ids, mask):
@@ -79,7 +79,7 @@ def test_packed_gradients_match_one_row_per_completion(tmp_path, name):
     upstream *= torch.cat([chosen_mask, rejected_mask], 1)  # padding after EOS carries no loss
 
     pairs = pack_pairs(prompts, prompt_mask, chosen, rejected)
-    packed = model(pairs.input_ids, pairs.attention_mask, positions=pairs.positions,
+    packed = model(pairs.input_ids, positions=pairs.positions, block_mask=pairs.block_mask,
                    logits_to_keep=pairs.predicting, targets=pairs.targets)
     packed_grads = torch.autograd.grad((packed * upstream).sum(), list(model.parameters()))
 

@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 
 import minidpo
 import train
+from fakes import FixedSampler
+from minidpo import outputs
 from minidpo import trainer as trainer_module
 from minidpo.config import parse_args
-from minidpo.sampler import Completions
 from minidpo.trainer import Trainer
 from tiny_world import EOS, MODEL, PAD, SPECIALS, VOCAB, WORDS, save_model
 
@@ -208,46 +209,39 @@ def test_a_log_window_averages_the_metrics_and_keeps_the_last_steps_rate_and_nor
     assert each[1]["grad_norm"] != each[2]["grad_norm"]  # so the means would differ from the last values
 
 
-def fixed_completions(self, input_ids, attention_mask, n=1, max_new_tokens=64, **kwargs):
-    """A stand-in for Sampler.generate whose completions depend on the prompt alone, not on the
-    batch it is in or on the generator: real sampling draws one random number per row, so batches
-    of 2 and of 4 prompts would sample different completions."""
-    rows = []
-    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-        tokens = [t for t, m in zip(ids, mask) if m]
-        g = torch.Generator().manual_seed(sum((i + 1) * t for i, t in enumerate(tokens)))
-        rows += [torch.randint(len(SPECIALS), len(VOCAB), (max_new_tokens,), generator=g) for _ in range(n)]
-    ids = torch.stack(rows)
-    return Completions(ids, torch.ones_like(ids), torch.zeros(len(ids), dtype=torch.bool))
+class PlainPromptsOnly:
+    """A preference that leaves the conversational prompts' pairs undecided, recording how many it decided."""
+
+    def __init__(self, preference, decided: list):
+        self.preference, self.decided = preference, decided
+
+    def __call__(self, prompts, completions, has_eos):
+        chosen, rejected, _, scores = self.preference(prompts, completions, has_eos)
+        valid = torch.tensor([isinstance(p, str) for p in prompts])
+        self.decided.append(int(valid.sum()))
+        return chosen, rejected, valid, scores
 
 
-def first_gradient(argv) -> tuple[list[torch.Tensor], dict]:
+def first_gradient(argv, decided=None) -> tuple[list[torch.Tensor], dict]:
     t = Trainer(parse_args([str(a) for a in argv]))
+    t.sampler = FixedSampler(len(SPECIALS), len(VOCAB))
+    if decided is not None:
+        t.preference = PlainPromptsOnly(t.preference, decided)
     grads = []
     t.optimizer.register_step_pre_hook(
         lambda *_: grads.extend(p.grad.clone() for p in t.policy.parameters()))
-    step_metrics = t.train_step(t.micro_batches())
-    return grads, {k: (s / c).item() for k, (s, c) in step_metrics.items()}
+    batches = t.micro_batches()
+    step_metrics, grad_norm = t.train_step([next(batches) for _ in range(t.cfg.gradient_accumulation_steps)])
+    return grads, {k: (s / c).item() for k, (s, c) in step_metrics.items()} | {"grad_norm": grad_norm.item()}
 
 
 @pytest.mark.parametrize("undecided", [False, True])
-def test_gradient_accumulation_equals_the_full_batch(world, tmp_path, monkeypatch, undecided):
-    monkeypatch.setattr(minidpo.sampler.Sampler, "generate", fixed_completions)
-    decided = []
-    if undecided:  # the judge leaves the conversational prompts' pairs undecided
-        preference = trainer_module.Preference.__call__
-
-        def plain_prompts_only(self, prompts, completions, has_eos):
-            first_wins, _, scores = preference(self, prompts, completions, has_eos)
-            valid = torch.tensor([isinstance(p, str) for p in prompts])
-            decided.append(int(valid.sum()))
-            return first_wins, valid, scores
-
-        monkeypatch.setattr(trainer_module.Preference, "__call__", plain_prompts_only)
+def test_gradient_accumulation_equals_the_full_batch(world, tmp_path, undecided):
+    decided = [] if undecided else None  # the judge leaves the conversational prompts' pairs undecided
     common = base(world, tmp_path / "out", *RULE, "--max_steps", 1, "--max_grad_norm", 0)
     accumulated, m_acc = first_gradient(common + ["--per_device_train_batch_size", 2,
-                                                  "--gradient_accumulation_steps", 2])
-    full, m_full = first_gradient(common + ["--per_device_train_batch_size", 4])
+                                                  "--gradient_accumulation_steps", 2], decided)
+    full, m_full = first_gradient(common + ["--per_device_train_batch_size", 4], decided)
     if undecided:  # micro-batches with different numbers of decided pairs: a mean of means would differ
         assert decided[0] != decided[1] and decided[0] + decided[1] == decided[2] > 0
     assert m_acc["loss"] == pytest.approx(m_full["loss"], abs=1e-6)
@@ -345,7 +339,7 @@ def test_a_crash_while_publishing_never_mixes_two_models(world, tmp_path, monkey
         target, tmp = tmp_path / f"out{crash_after}", tmp_path / f"new{crash_after}"
         minidpo.save_pretrained(old, target, max_shard_bytes=shard_bytes(old_shards))
         tmp.mkdir()
-        trainer_module.write_pretrained(new.state_dict(), new.cfg, tmp, None, shard_bytes(new_shards))
+        outputs.write_pretrained(new.state_dict(), new.cfg, tmp, None, shard_bytes(new_shards))
         if crash_after >= len(list(tmp.iterdir())):
             break
         moves = []
@@ -356,10 +350,10 @@ def test_a_crash_while_publishing_never_mixes_two_models(world, tmp_path, monkey
             moves.append(dst)
             real_replace(src, dst)
 
-        monkeypatch.setattr(trainer_module.os, "replace", crashing_replace)
+        monkeypatch.setattr(outputs.os, "replace", crashing_replace)
         with pytest.raises(KeyboardInterrupt):
-            trainer_module.publish(tmp, target)
-        monkeypatch.setattr(trainer_module.os, "replace", real_replace)
+            outputs.publish(tmp, target)
+        monkeypatch.setattr(outputs.os, "replace", real_replace)
         try:
             loaded = minidpo.load_model(str(target)).embed.weight
         except (FileNotFoundError, ValueError):

@@ -1,0 +1,59 @@
+"""Helpers any module may use; this one imports nothing of minidpo, so imports flow one way.
+
+- one-line errors for the user (error_line, print_error);
+- JSON objects read from files with errors that name the file (read_json);
+- the one convention for writing a directory safely: build it under a hidden temporary name
+  beside its target (temp_dir_beside), then rename it into place (replace_dir). A crash leaves
+  the hidden directory, which the next write of the same target removes, never a half-written one.
+"""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line for the user: its message's first line, or its type if it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def print_error(message: str):
+    print(f"error: {message}", file=sys.stderr)
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in a file; a missing file, bad JSON or another JSON type gets an error naming it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({error_line(e)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """A new, empty hidden directory `.NAME.tmp` next to `target`, to build it in and rename into
+    place. The name is fixed (every rank of a run finds it), so a crashed run's leftover is removed
+    here; a plain mkdir gives it the permissions the umask allows, as the final directory should have."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(new: Path, target: Path):
+    """Move `new` to `target`; an existing target is swapped out first and removed only after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)

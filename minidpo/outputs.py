@@ -1,0 +1,182 @@
+"""What a training run writes to output_dir: resumable checkpoints, the final model with its
+model card, and the Hub upload.
+
+    output_dir/checkpoint-N/   the policy in the HF layout (loadable as it is), plus what resuming
+                               needs: state/ (DCP: model and optimizer shards), rng-rank{r}.safetensors,
+                               trainer_state.json (step, schedule, world size, flags)
+    output_dir/                the final model in the HF layout, README.md (the model card)
+
+Every directory is built under a temporary name and renamed when complete (common.py), so a crash
+never leaves a half-written checkpoint or model.
+"""
+
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .checkpoint import write_pretrained
+from .common import error_line, replace_dir, temp_dir_beside
+from .distributed import Dist, barrier, full_state_dict
+
+# Without a process group (one process), DCP warns at every save and load that it assumes one process:
+# that is the intent, and the warning's two lines would bury the log and the one-line errors.
+DCP_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+class Checkpoints:
+    """The checkpoint-N directories of one output_dir, written by every rank together."""
+
+    def __init__(self, output_dir: Path, dist: Dist, limit: int | None = None):
+        self.output_dir, self.dist, self.limit = Path(output_dir), dist, limit
+
+    def save(self, step: int, model, optimizer, scheduler, tokenizer, config: dict, generator=None):
+        final = self.output_dir / f"checkpoint-{step}"
+        if self.dist.is_main:
+            tmp = temp_dir_beside(final)
+        barrier()
+        tmp = final.with_name(f".{final.name}.tmp")
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", DCP_ONE_PROCESS)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state")
+        rng = {"generator": generator.get_state()} if generator is not None else {}
+        save_file(rng | {"torch": torch.get_rng_state()}, tmp / f"rng-rank{self.dist.rank}.safetensors")
+        full = full_state_dict(model)  # a collective: every rank takes part, rank 0 gets the tensors
+        if self.dist.is_main:
+            write_pretrained(full, model.cfg, tmp, tokenizer)
+            state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": self.dist.world_size,
+                     "config": config}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        barrier()
+        if self.dist.is_main:
+            replace_dir(tmp, final)
+            self.prune()
+        barrier()
+
+    def all(self) -> list[Path]:
+        """output_dir's checkpoint-N directories, oldest first (other names, e.g. checkpoint-best, are left be)."""
+        found = [p for p in self.output_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+    def prune(self):
+        for old in self.all()[: -self.limit] if self.limit else []:
+            shutil.rmtree(old)
+
+    def find(self, where: str) -> Path:
+        if where.lower() in ("true", "last", "latest"):  # HF's --resume_from_checkpoint True: the newest one
+            checkpoints = self.all()
+            if not checkpoints:
+                raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint-* in {self.output_dir}")
+            return checkpoints[-1]
+        path = Path(where)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a minidpo checkpoint "
+                                    "(no trainer_state.json)")
+        return path
+
+    def load(self, path: Path, model, optimizer, scheduler, generator=None) -> int:
+        """Restore everything save() wrote into the given objects; returns the step to continue from."""
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--resume_from_checkpoint: cannot read {path / 'trainer_state.json'} ({e})") from None
+        if not (isinstance(state, dict) and {"step", "world_size", "scheduler"} <= state.keys()):
+            # e.g. a checkpoint of HF's Trainer, whose trainer_state.json holds other things
+            raise ValueError(f"--resume_from_checkpoint: {path} was not written by minidpo "
+                             "(its trainer_state.json lacks step, world_size or scheduler)")
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(f"--resume_from_checkpoint: {path} was written by {state['world_size']} process(es); "
+                             f"resume with the same number (this run has {self.dist.world_size})")
+        model_state, optim_state = get_state_dict(model, optimizer)
+        both = {"model": model_state, "optim": optim_state}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", DCP_ONE_PROCESS)
+                dcp.load(both, checkpoint_id=path / "state")
+            rng = load_file(path / f"rng-rank{self.dist.rank}.safetensors")
+        except (Exception, dcp.CheckpointException) as e:
+            # DCP wraps each rank's error in a CheckpointException, a BaseException: name the one inside.
+            if isinstance(e, dcp.CheckpointException):
+                e = next(iter(e.failures.values()))[0]
+            raise ValueError(f"--resume_from_checkpoint: {path} is unreadable ({error_line(e)})") from None
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(rng["torch"])
+        if generator is not None and "generator" in rng:
+            generator.set_state(rng["generator"])
+        return state["step"]
+
+
+def save_final(output_dir: Path, model, tokenizer, card: str, dist: Dist):
+    """The trained model in output_dir itself, in the HF layout, with its model card."""
+    full = full_state_dict(model)  # a collective: every rank takes part, rank 0 gets the tensors
+    if dist.is_main:
+        tmp = temp_dir_beside(output_dir / "model")
+        write_pretrained(full, model.cfg, tmp, tokenizer)
+        (tmp / "README.md").write_text(card)
+        publish(tmp, output_dir)
+        print(f"saved the model to {output_dir}", file=sys.stderr)
+    barrier()
+
+
+def publish(tmp: Path, target: Path):
+    """Move the files of tmp into target, replacing those of an earlier model.
+
+    target holds checkpoints and logs too, so it cannot be swapped whole like a checkpoint. A single
+    weights file replaces the old one in one rename. Shards cannot: the old weights go first and the
+    new index comes last but config.json, so a crash in between leaves an incomplete model that no
+    loader accepts, never old and new shards mixed.
+    """
+    index = "model.safetensors.index.json"
+    sharded = (tmp / index).exists()
+    for old in [target / index, *target.glob("model*.safetensors")]:
+        if old.exists() and (sharded or not (tmp / old.name).exists()):
+            old.unlink()
+    move_order = {index: 1, "config.json": 2}  # everything else (0) first
+    for f in sorted(tmp.iterdir(), key=lambda p: move_order.get(p.name, 0)):
+        os.replace(f, target / f.name)
+    tmp.rmdir()
+
+
+def model_card(cfg, steps: int, metrics: dict) -> str:
+    judge = cfg.judge or cfg.reward_model_path or ", ".join(cfg.reward_funcs or [])
+    lines = [
+        "---", "library_name: minidpo", "tags: [online-dpo, minidpo]", "---", "",
+        f"# {Path(cfg.output_dir).name}", "",
+        f"Trained with minidpo's online DPO ({cfg.loss_type} loss) from `{cfg.model_name_or_path}` on "
+        f"`{cfg.dataset_name}` for {steps} steps; preferences from `{judge}`.", "",
+        "| setting | value |", "| --- | --- |",
+    ]
+    for name in ("learning_rate", "beta", "per_device_train_batch_size", "gradient_accumulation_steps",
+                 "max_new_tokens", "max_length", "temperature", "missing_eos_penalty", "bf16", "seed"):
+        lines.append(f"| {name} | {getattr(cfg, name)} |")
+    if metrics:
+        lines += ["", "Last logged metrics:", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    return "\n".join(lines) + "\n"
+
+
+class UploadError(RuntimeError):
+    pass
+
+
+def push_to_hub(output_dir: Path, repo_id: str | None, token: str | None):
+    from huggingface_hub import HfApi
+
+    repo_id = repo_id or output_dir.name
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=output_dir,
+                          ignore_patterns=["checkpoint-*", ".*", "metrics.jsonl", "completions.jsonl", "runs/*"])
+    except Exception as e:
+        raise UploadError(f"--push_to_hub: upload to {repo_id!r} failed ({error_line(e)}); "
+                          f"the model is saved in {output_dir}") from None
