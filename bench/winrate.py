@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             rows = [json.loads(line) for line in f if line.strip()]
         prompts, baseline = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     else:
-        prompts = load_prompts(args.prompts)
+        prompts = [row["prompt"] for row in load_prompts(args.prompts)]
     prompts = prompts[:args.num_prompts]
     completions = generate(args.model_name_or_path, prompts, args, args.seed)
     if args.baseline_model:

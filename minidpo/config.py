@@ -9,6 +9,7 @@ Accepted but without effect: --dataset_num_proc (prompts are read in one pass; n
 
 import argparse
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ LOSS_TYPES = ("sigmoid", "ipo")
 SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
 OBJECTIVES = ("online_dpo", "reward")
+# What --generation_kwargs may set: the sampler's options (transformers' names).
+GENERATION_KWARGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "min_new_tokens", "stop_strings")
 
 MODEL, JUDGE, GENERATION, OPTIM, SCHEDULE, LOGGING, HUB = (
     "model & data", "judge / reward", "generation", "optimisation", "schedule", "logging & checkpoints", "hub")
@@ -43,7 +46,7 @@ class Config:
     output_dir: str | None = flag(MODEL, None, "where checkpoints and logs go (required, as in HF)")
     objective: str = flag(MODEL, "online_dpo", f"minidpo: what to train, one of {', '.join(OBJECTIVES)} "
                           "(reward: a Bradley-Terry reward model on a preference dataset)")
-    disable_dropout: bool = flag(MODEL, True, "turn dropout off in the policy and the reference model")
+    disable_dropout: bool = flag(MODEL, True, "accepted for compatibility; no effect: minidpo's models have no dropout")
 
     # judge / reward: a judge compares the two completions; a reward model or functions score each one
     judge: str | None = flag(JUDGE, None, "name of the pairwise judge (exclusive with --reward_model_path)")
@@ -52,12 +55,21 @@ class Config:
     reward_model_path: str | None = flag(JUDGE, None, "reward model (local directory or Hub repo id)")
     reward_funcs: list[str] | None = flag(JUDGE, None, "minidpo: reward functions as module:function, "
                                           "added to the reward model's score if both are given")
+    reward_weights: list[float] | None = flag(JUDGE, None, "weight of each score: the reward model's, then each "
+                                              "reward function's (default: all 1)")
     missing_eos_penalty: float | None = flag(JUDGE, None, "subtracted from the score of a completion without EOS")
 
     max_new_tokens: int = flag(GENERATION, 64, "tokens generated per completion at most")
     # The reference docs' default. TRL 1.16 raised it to 512; we keep the documented behaviour.
     max_length: int = flag(GENERATION, 256, "prompt + completion tokens scored; longer ones lose their left end")
     temperature: float = flag(GENERATION, 0.9, "sampling temperature")
+    top_k: int = flag(GENERATION, 0, "sample from the k likeliest tokens only; 0: off")
+    top_p: float = flag(GENERATION, 1.0, "sample from the likeliest tokens holding this much probability; 1: off")
+    min_p: float = flag(GENERATION, 0.0, "drop tokens less likely than min_p x the likeliest one's probability; 0: off")
+    repetition_penalty: float = flag(GENERATION, 1.0, "divide (multiply if negative) the logits of tokens in the "
+                                     "prompt or the completion so far by this; 1: off")
+    generation_kwargs: dict | None = flag(GENERATION, None, "JSON object of sampler options overriding the flags "
+                                          f"above: {', '.join(GENERATION_KWARGS)}")
     cuda_graphs: bool = flag(GENERATION, True, "minidpo: replay decode steps as CUDA graphs (GPU only)")
     use_vllm: bool = flag(GENERATION, False, "not supported: minidpo generates in-process")
 
@@ -121,9 +133,22 @@ class Config:
         need(self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         need(self.max_new_tokens < self.max_length, f"--max_new_tokens ({self.max_new_tokens}) must be smaller "
              f"than --max_length ({self.max_length}), which also holds the prompt")
-        need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        unknown = [k for k in self.generation_kwargs or {} if k not in GENERATION_KWARGS]
+        need(not unknown, f"--generation_kwargs: {', '.join(unknown)} not supported; "
+             f"use {', '.join(GENERATION_KWARGS)}")
+        s = self.sampling()
+        for name, ok, allowed in (("temperature", s["temperature"] > 0, "> 0"), ("top_k", s["top_k"] >= 0, ">= 0"),
+                                  ("top_p", 0 < s["top_p"] <= 1, "in (0, 1]"),
+                                  ("min_p", 0 <= s["min_p"] <= 1, "in [0, 1]"),
+                                  ("repetition_penalty", s["repetition_penalty"] > 0, "> 0")):
+            need(ok, f"--{name} must be {allowed}, got {s[name]}")
         need(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
              f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
+        need(not (self.judge and self.missing_eos_penalty is not None),
+             "--missing_eos_penalty applies to reward scores; a --judge gives none, so drop it")
+        scores = int(self.reward_model_path is not None) + len(self.reward_funcs or [])
+        need(self.reward_weights is None or len(self.reward_weights) == scores, f"--reward_weights: "
+             f"{len(self.reward_weights or [])} weights for {scores} reward model(s) and function(s)")
         need(len(self.beta) > 0 and min(self.beta) > 0, f"--beta must be > 0, got {self.beta}")
         need(self.loss_type in LOSS_TYPES,
              f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
@@ -147,6 +172,14 @@ class Config:
         for backend in self.report_to:
             need(backend in REPORT_TO, f"--report_to {backend!r} is not supported; use {', '.join(REPORT_TO)}")
         return self
+
+    def sampling(self) -> dict:
+        """The sampler's options: the flags, overridden by --generation_kwargs (as TRL does)."""
+        options = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+                   "repetition_penalty": self.repetition_penalty} | (self.generation_kwargs or {})
+        if isinstance(options.get("stop_strings"), str):  # transformers takes one string or a list
+            options["stop_strings"] = [options["stop_strings"]]
+        return options
 
     def to_dict(self) -> dict:
         """Every flag's value, for logs, model cards and checkpoints; the Hub token is masked as HF does."""
@@ -210,6 +243,16 @@ UNSUPPORTED = {
 }
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def _bool(text: str) -> bool:
     # HfArgumentParser's spellings, so `--bf16`, `--bf16 true` and `--bf16 False` all work.
     if text.lower() in ("true", "1", "yes"):
@@ -255,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, metavar="BOOL", help=text)
             if default:  # as in HfArgumentParser, a flag that is on by default also has a --no_ form
                 group.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        elif kind is dict:
+            group.add_argument(f"--{f.name}", type=_json_object, metavar="JSON", help=text)
         elif typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
             group.add_argument(f"--{f.name}", type=item, nargs="+", metavar=item.__name__.upper(), help=text)
@@ -273,6 +318,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         demo = {k: v for k, v in DEMO_DEFAULTS.items() if k not in given}
         if {"judge", "reward_model_path", "reward_funcs"} & given.keys():  # the user chose the scorer
             demo.pop("reward_funcs", None)
+            if "judge" in given:  # a judge gives no scores to penalise
+                demo.pop("missing_eos_penalty", None)
         given = {**demo, **given}
     try:
         return Config(**given).validate()

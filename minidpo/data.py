@@ -4,11 +4,12 @@ each process takes from them under torchrun.
 A dataset is a local .jsonl / .json / .parquet file, a directory in the Hub's dataset layout
 (`data/train-00000-of-00001.parquet`, `train.jsonl`, ...), or a Hub dataset repo id, of which only the
 requested split's files are downloaded. A row's prompt is either standard (a string) or
-conversational (a list of {"role", "content"} messages); other columns are ignored. Bad input gets a
-one-line error naming the file, the row (or JSONL line) and the column.
+conversational (a list of {"role", "content"} messages); other columns go to reward functions, as in
+TRL. Bad input gets a one-line error naming the file, the row (or JSONL line) and the column.
 """
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -17,13 +18,14 @@ from .common import error_line
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
-def load_prompts(name_or_path: str, split: str = "train", config: str | None = None) -> list[str | list[dict]]:
-    """The `prompt` column of a split: strings, or message lists to render with a chat template."""
-    prompts = [_text(row, "prompt", where) for path in data_files(name_or_path, split, config)
-               for where, row in read_rows(path)]
-    if not prompts:
+def load_prompts(name_or_path: str, split: str = "train", config: str | None = None) -> list[dict]:
+    """The rows of a split, each {"prompt": a string or a message list to render with a chat
+    template, and the row's other columns as they are}."""
+    rows = [row | {"prompt": _text(row, "prompt", where)} for path in data_files(name_or_path, split, config)
+            for where, row in read_rows(path)]
+    if not rows:
         raise ValueError(f"{name_or_path}: split {split!r} has no rows")
-    return prompts
+    return rows
 
 
 def load_preferences(name_or_path: str, split: str = "train", config: str | None = None) -> list[dict]:
@@ -158,25 +160,28 @@ def _json(text: str, path: Path, line: int):
 
 
 class PromptSampler:
-    """One process's batches of each epoch, resumable at any (epoch, batch index).
+    """One process's batches of each epoch, resumable at any (epoch, batch index), as HF's Trainer
+    (under accelerate) deals them.
 
     Every epoch shuffles the whole dataset with a generator seeded by (seed, epoch), so all ranks
-    agree on the order without talking. Rank r takes positions r, r + world_size, ...; the tail that
-    would leave ranks with unequal shares is dropped, and so is a last partial batch: a rank that ran
-    one step more than the others would hang in a collective, and equal batches keep shapes static.
+    agree on the order without talking. The order is cut into batches and batch j goes to rank
+    j % world_size. One process keeps a last partial batch. Several processes must run the same
+    number of equal batches (a rank with one step more would hang in a collective), so, as
+    accelerate's even_batches, the epoch's last round is filled up with the prompts it began with.
     """
 
     def __init__(self, items: list, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 42):
         self.items, self.batch_size, self.rank, self.world_size, self.seed = items, batch_size, rank, world_size, seed
-        self.batches_per_epoch = len(items) // world_size // batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(items)} rows are too few for {world_size} process(es) x batch size {batch_size}")
+        self.batches_per_epoch = math.ceil(len(items) / (world_size * batch_size))
 
     def batches(self, epoch: int, start: int = 0):
         """Yield this rank's batches (lists of batch_size items) of `epoch`, from batch index `start` on."""
         order = list(range(len(self.items)))
         # A string seed is hashed with SHA-512, so every process derives the same generator from (seed, epoch).
         random.Random(f"{self.seed}-{epoch}").shuffle(order)
-        mine = order[self.rank::self.world_size]
+        if self.world_size > 1:
+            dealt = self.batches_per_epoch * self.world_size * self.batch_size
+            order = (order * math.ceil(dealt / len(order)))[:dealt]
         for b in range(start, self.batches_per_epoch):
-            yield [self.items[i] for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
+            first = (b * self.world_size + self.rank) * self.batch_size
+            yield [self.items[i] for i in order[first:first + self.batch_size]]

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -111,8 +112,9 @@ class KeywordJudge(RuleJudge):
 
 
 def brevity(prompts, completions, **kwargs) -> list[float]:
-    """A rule reward for the offline demo: minus the completion's length in hundreds of characters."""
-    return [-len(c) / 100 for c in completions]
+    """A rule reward for the offline demo: minus the completion's length in hundreds of characters
+    (a conversational completion is a list of messages, as TRL passes it)."""
+    return [-len(c if isinstance(c, str) else c[-1]["content"]) / 100 for c in completions]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +126,9 @@ class RewardModel:
 
     Each prompt + completion is re-rendered with the reward model's own tokenizer, as its training
     data looked (Tokenizer.render). Rows are padded on `padding_side` (the score is
-    read at each row's last real token, so either side works) and, with max_length, truncated from
-    the left so that the end of the completion is always scored.
+    read at each row's last real token, so either side works). The whole text is scored, as TRL
+    does; only a row longer than max_length (by default the model's max_position_embeddings) is
+    truncated from the left, so that the end of the completion is always scored, with a warning.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
@@ -133,7 +136,8 @@ class RewardModel:
         if model.cfg.num_labels != 1:
             raise ValueError(f"a reward model needs num_labels=1; this one has {model.cfg.num_labels}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size, self.max_length, self.padding_side = batch_size, max_length, padding_side
+        self.max_length = max_length or (model.cfg.hf_config or {}).get("max_position_embeddings")
+        self.batch_size, self.padding_side, self.warned = batch_size, padding_side, False
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device=None, **options) -> "RewardModel":
@@ -141,16 +145,23 @@ class RewardModel:
         return cls(model, tokenizer, **options)
 
     @torch.inference_mode()
-    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list, completions: list, **columns) -> torch.Tensor:
+        """[N] scores on the CPU; `columns` (what reward functions also get) are not read."""
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(prompts), self.batch_size):
             rows = slice(start, start + self.batch_size)
-            ids, mask = self.tokenizer.encode_rows(prompts[rows], completions[rows], padding_side=self.padding_side,
-                                                   max_length=self.max_length)
+            ids, mask = self.tokenizer.encode_rows(prompts[rows], completions[rows], padding_side=self.padding_side)
+            if self.max_length and ids.shape[1] > self.max_length:
+                if not self.warned:
+                    print(f"warning: the reward model reads at most {self.max_length} tokens; longer prompts + "
+                          f"completions ({ids.shape[1]} tokens here) lose their start", file=sys.stderr)
+                    self.warned = True
+                ids, mask = self.tokenizer.encode_rows(prompts[rows], completions[rows],
+                                                       padding_side=self.padding_side, max_length=self.max_length)
             ids, mask = ids.to(device), mask.to(device)
             scores.append(last_token_scores(self.model(ids, mask), mask)[:, 0].float())
-        return torch.cat(scores)
+        return torch.cat(scores).cpu()
 
 
 class RewardModelJudge(PairwiseJudge):
@@ -169,9 +180,10 @@ class RewardModelJudge(PairwiseJudge):
 class RewardFunctions:
     """Reward functions combined into one score per completion, like TRL's `reward_funcs`.
 
-    A reward function is a callable (prompts, completions, **kwargs) -> list[float]; the extra
-    keyword arguments (e.g. dataset columns) are passed through. A value of None means "no opinion
-    on this completion" and is left out of its weighted sum, as in TRL.
+    A reward function is a callable (prompts, completions, **kwargs) -> list[float] (a RewardModel
+    is one); the keyword arguments are passed through (the trainer passes TRL's: completion_ids,
+    trainer_state and the dataset's other columns). A value of None means "no opinion on this
+    completion" and is left out of its weighted sum, as in TRL.
     """
 
     def __init__(self, funcs: list, weights: list[float] | None = None):
@@ -393,9 +405,10 @@ class Preference:
     """Which of each prompt's n sampled completions are chosen and rejected (the rollout's last part).
 
     A pairwise judge compares a prompt's two completions; -1 (undecided) drops the pair. A reward
-    model and/or reward functions score each completion, completions without EOS lose
-    missing_eos_penalty, and the best-scored completion is chosen, the worst rejected. Of two
-    scores the higher wins and the first on a tie, as in the reference.
+    model and/or reward functions (weighted by reward_weights, the model's weight first, as TRL's
+    reward_funcs) score each completion, completions without EOS lose missing_eos_penalty, and the
+    best-scored completion is chosen, the worst rejected. Of two scores the higher wins and the
+    first on a tie, as in the reference.
     """
 
     def __init__(self, cfg, device):
@@ -409,23 +422,28 @@ class Preference:
             self.judge = make_judge(cfg.judge, **options)
         if cfg.reward_model_path:
             self.scorers.append(RewardModel.from_pretrained(
-                cfg.reward_model_path, dtype=torch.bfloat16 if cfg.bf16 else None, device=device,
-                max_length=cfg.max_length))
-        if cfg.reward_funcs:
-            self.scorers.append(RewardFunctions([load_reward_function(f) for f in cfg.reward_funcs]))
+                cfg.reward_model_path, dtype=torch.bfloat16 if cfg.bf16 else None, device=device))
+        self.scorers += [load_reward_function(f) for f in cfg.reward_funcs or []]
+        self.rewards = RewardFunctions(self.scorers, cfg.reward_weights)
 
-    def __call__(self, prompts: list, completions: list[str], has_eos: torch.Tensor, n: int = 2):
-        """(chosen [B], rejected [B], decided [B] bool, scores [B*n] or None) for B prompts whose
-        completions are rows b*n .. b*n+n-1 of `completions` and has_eos [B*n]; chosen and
-        rejected index into a prompt's n completions."""
-        B = len(prompts)
+    def __call__(self, rows: list[dict], completions: list[str], has_eos: torch.Tensor, n: int = 2, **kwargs):
+        """(chosen [B], rejected [B], decided [B] bool, scores [B*n] or None) for B dataset rows
+        ({"prompt", other columns}) whose completions are rows b*n .. b*n+n-1 of `completions` and
+        has_eos [B*n]; chosen and rejected index into a prompt's n completions. Reward functions get
+        what TRL passes them: each conversational prompt's completion as an assistant message, the
+        rows' other columns and `kwargs` (completion_ids, trainer_state), one entry per completion."""
+        prompts, B = [row["prompt"] for row in rows], len(rows)
         if self.judge is not None:
             pairs = [(completions[n * b], completions[n * b + 1]) for b in range(B)]
             verdicts = torch.tensor(self.judge.judge([prompt_text(p) for p in prompts], pairs))
             second = (verdicts == 1).long()
             return second, 1 - second, verdicts != -1, None
-        rows = [p for p in prompts for _ in range(n)]
-        scores = sum(scorer(rows, completions).float().cpu() for scorer in self.scorers)
+        prompts = [p for p in prompts for _ in range(n)]
+        completions = [c if isinstance(p, str) else [{"role": "assistant", "content": c}]
+                       for p, c in zip(prompts, completions)]
+        names = dict.fromkeys(name for row in rows for name in row if name != "prompt")
+        columns = {name: [row.get(name) for row in rows for _ in range(n)] for name in names}
+        scores = self.rewards(prompts, completions, **columns, **kwargs)
         if self.penalty:
             scores = scores - self.penalty * (~has_eos.cpu()).float()
         groups = scores.view(B, n)

@@ -12,6 +12,7 @@ step, so generation is most of a step's time. What keeps it fast:
 """
 
 from dataclasses import dataclass
+import bisect
 import math
 
 import torch
@@ -25,7 +26,7 @@ class Completions:
 
     ids: torch.Tensor  # [rows, T] token ids, pad after a row's first EOS (the EOS itself is kept)
     mask: torch.Tensor  # [rows, T] 1 on the row's real tokens, its EOS included; 0 on padding
-    has_eos: torch.Tensor  # [rows] bool: the row ended with an EOS within max_new_tokens
+    has_eos: torch.Tensor  # [rows] bool: the row ended with an EOS within max_new_tokens (not a stop string)
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None):
@@ -57,6 +58,25 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=Non
     uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
     u = (1 - uniform) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1)
+
+
+def penalize_repetition(logits, seen, penalty: float):
+    """transformers' RepetitionPenaltyLogitsProcessor: the logit of each token already seen (seen
+    [R, V] bool: in the prompt or the completion so far) is divided by `penalty` if positive and
+    multiplied by it if not, so that penalty > 1 makes every seen token less likely."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def stop_string_ends(ids, stop_strings, decode) -> torch.Tensor:
+    """[rows, T] bool: True at the token with which a row's decoded text first contains one of
+    `stop_strings` (as transformers' stop_strings end a row: that token is kept)."""
+    ends = torch.zeros(ids.shape, dtype=torch.bool)
+    for r, row in enumerate(ids.tolist()):
+        def stopped(length):
+            return any(s in decode(row[:length]) for s in stop_strings)
+        if stopped(len(row)):  # a prefix holds a stop string: find the shortest, by bisection
+            ends[r, bisect.bisect_left(range(1, len(row) + 1), True, key=stopped)] = True
+    return ends.to(ids.device)
 
 
 def bucket(rows: int) -> int:
@@ -134,18 +154,29 @@ class Sampler:
 
     @torch.no_grad()  # not inference_mode: autocast caches no weight casts there
     def generate(self, input_ids, attention_mask, n=1, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
-                 min_p=0.0, eos_token_ids=(), pad_token_id=0, min_new_tokens=0, generator=None) -> Completions:
+                 min_p=0.0, eos_token_ids=(), pad_token_id=0, min_new_tokens=0, generator=None,
+                 repetition_penalty=1.0, stop_strings=(), decode=None) -> Completions:
         """n completions for each left-padded prompt of input_ids / attention_mask [B, P].
 
         Stops at max_new_tokens, or as soon as every row has produced one of eos_token_ids (never
-        before min_new_tokens: EOS is suppressed until then). `generator` must be on the model's device.
+        before min_new_tokens: EOS is suppressed until then). A row also ends with the token that
+        completes one of stop_strings in its text (`decode`: token ids -> text); it is cut after
+        sampling, so such rows do not end the loop early. `generator` must be on the model's device.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         device = self.model.embed.weight.device
         with self.compute_dtype():
-            return self._generate(input_ids.to(device), attention_mask.to(device), n, max_new_tokens, temperature,
-                                  top_k, top_p, min_p, eos_token_ids, pad_token_id, min_new_tokens, generator)
+            ids, is_eos = self._generate(input_ids.to(device), attention_mask.to(device), n, max_new_tokens,
+                                         temperature, top_k, top_p, min_p, eos_token_ids, pad_token_id,
+                                         min_new_tokens, generator, repetition_penalty)
+        ends = is_eos | stop_string_ends(ids, stop_strings, decode) if stop_strings else is_eos
+        # Everything after a row's end (its first EOS or stop string) is pad; the mask covers the end itself.
+        after_end = ends.cumsum(-1) - ends.long() > 0
+        ids.masked_fill_(after_end, pad_token_id)
+        mask = (~after_end).long()
+        length = int(mask.sum(-1).max())
+        return Completions(ids[:, :length], mask[:, :length], (is_eos & ~after_end).any(-1))
 
     @torch.no_grad()
     def stream(self, input_ids, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -172,12 +203,16 @@ class Sampler:
         return torch.autocast(device_type, self.dtype, enabled=self.autocast, cache_enabled=not self.use_graphs)
 
     def _generate(self, input_ids, attention_mask, n, max_new_tokens, temperature, top_k, top_p, min_p,
-                  eos_token_ids, pad_token_id, min_new_tokens, generator) -> Completions:
+                  eos_token_ids, pad_token_id, min_new_tokens, generator, repetition_penalty):
+        """(ids [rows, max_new_tokens or fewer], is_eos [rows, same] bool): the tokens sampled, not yet cut."""
         device = input_ids.device
         prompts, prompt_len = input_ids.shape
         rows = prompts * n
         self.reserve(rows, prompt_len + max_new_tokens)
         logits = self.prefill(input_ids, attention_mask, n)
+        if repetition_penalty != 1:  # the prompt's tokens (not its padding), then each sampled one
+            seen = torch.zeros(logits.shape, dtype=torch.long, device=device)
+            seen = seen.scatter_add_(1, input_ids, attention_mask).repeat_interleave(n, 0) > 0
 
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
         ids = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -189,20 +224,17 @@ class Sampler:
         for t in range(max_new_tokens):
             if t < min_new_tokens:
                 logits.index_fill_(-1, eos, -math.inf)
+            if repetition_penalty != 1:  # on the logits a CUDA graph wrote, outside it: the graph stays valid
+                logits = penalize_repetition(logits, seen, repetition_penalty)
             token = sample(logits, temperature, top_k, top_p, min_p, generator)
             ids[:, t] = token
+            if repetition_penalty != 1:
+                seen[torch.arange(rows, device=device), token] = True
             finished |= torch.isin(token, eos)
             if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and finished.all()):
                 break
             logits = self.decode(token, slots[t : t + 1])
-
-        # Everything after a row's first EOS is pad; the mask covers the EOS itself.
-        is_eos = torch.isin(ids, eos)
-        after_eos = is_eos.cumsum(-1) - is_eos.long() > 0
-        ids.masked_fill_(after_eos, pad_token_id)
-        mask = (~after_eos).long()
-        length = int(mask.sum(-1).max())
-        return Completions(ids[:, :length], mask[:, :length], is_eos.any(-1))
+        return ids, torch.isin(ids, eos)
 
     def prefill(self, input_ids, attention_mask, n: int):
         """Write the prompts [B, P] into the cache, prompt i into rows i*n .. i*n+n-1, and return

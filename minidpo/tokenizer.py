@@ -150,13 +150,20 @@ class Tokenizer:
         A plain prompt is its text, the completion appended. A conversation (a list of {"role",
         "content"} messages) goes through the chat template: a completion becomes the assistant's
         turn (a completion that is a list of messages is appended as it is); without one the text
-        ends with the generation prompt, where the assistant's answer starts."""
+        ends with the generation prompt, where the assistant's answer starts. A conversation that
+        ends with an assistant turn is continued instead (transformers' continue_final_message, as
+        TRL does), and a completion of it is appended to that turn's text."""
         if isinstance(prompt, str):
             return prompt + (completion or "")
+        continued = prompt[-1]["role"] == "assistant"
         if completion is None:
-            return self.apply_chat_template(prompt, add_generation_prompt=True)
+            return self.apply_chat_template(prompt, add_generation_prompt=not continued,
+                                            continue_final_message=continued)
         if isinstance(completion, str):
             completion = [{"role": "assistant", "content": completion}]
+        if continued:  # the completion's first message is the rest of the prompt's final one
+            last = prompt[-1] | {"content": prompt[-1]["content"] + completion[0]["content"]}
+            prompt, completion = prompt[:-1], [last, *completion[1:]]
         return self.apply_chat_template(prompt + completion)
 
     def encode_rows(self, prompts: list, completions: list | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,13 +185,17 @@ class Tokenizer:
         return [self.decode(r, skip_special_tokens) for r in rows]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
-                            **kwargs):
+                            continue_final_message: bool = False, **kwargs):
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (no chat_template.jinja and none in "
                              "tokenizer_config.json)")
         # transformers drops None-valued keys (e.g. content=None from OpenAI-style messages): templates test
         # for a missing key and would otherwise print "None".
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        # As transformers continues the final message: mark where its text ends, render, cut there.
+        tag = "CONTINUE_FINAL_MESSAGE_TAG "
+        if continue_final_message:
+            messages[-1] = messages[-1] | {"content": messages[-1]["content"] + tag}
         # Absent special tokens stay undefined (render as ""), not None (renders "None"); tools and documents
         # are passed as None because templates test `tools is not none`.
         variables = {k: getattr(self, k) for k in SPECIAL_TOKENS if getattr(self, k) is not None}
@@ -195,6 +206,11 @@ class Tokenizer:
         except jinja2.exceptions.TemplateError as e:  # e.g. raise_exception("System role not supported")
             first_line = (e.message or type(e).__name__).strip().splitlines()[0]
             raise ValueError(f"the chat template rejected a conversation: {first_line}") from e
+        if continue_final_message:
+            if tag.strip() not in text:
+                raise ValueError("the chat template drops the final message's text, so it cannot be continued")
+            end = text.rindex(tag.strip())  # a template that strips the message's end loses the tag's space too
+            text = text[:end] if text[end:end + len(tag)] == tag else text[:end].rstrip()
         if not tokenize:
             return text
         # The template writes BOS itself when the model wants one; encoding with specials would double it.

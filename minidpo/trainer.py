@@ -26,6 +26,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -97,12 +98,19 @@ class Trainer:
         self.data = PromptSampler(rows, cfg.per_device_train_batch_size, self.dist.rank, self.dist.world_size,
                                   cfg.seed)
 
-        steps_per_epoch = max(1, self.data.batches_per_epoch // cfg.gradient_accumulation_steps)
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+        # As HF's Trainer: an epoch's last step takes the batches left over, fewer when the
+        # accumulation steps do not divide the epoch's batches.
+        self.steps_per_epoch = math.ceil(self.data.batches_per_epoch / cfg.gradient_accumulation_steps)
+        from_epochs = math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else from_epochs
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
-        self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=True)
+        # As HF's Trainer: biases and norm weights are not decayed.
+        params = dict(self.policy.named_parameters())
+        exempt = {name for name in params if name.endswith(".bias") or "norm" in name}
+        groups = [{"params": [p for name, p in params.items() if (name in exempt) == no_decay],
+                   "weight_decay": 0.0 if no_decay else cfg.weight_decay} for no_decay in (False, True)]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           eps=cfg.adam_epsilon, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, self.total_steps))
         self.step = 0  # optimizer steps taken
@@ -113,7 +121,7 @@ class Trainer:
         self.tracker = Tracker(cfg, self.checkpoints.output_dir, enabled=self.dist.is_main, resume_step=self.step)
 
     def build(self, model_dir) -> list:
-        """The policy, its frozen reference, the sampler and the preference; returns the prompts."""
+        """The policy, its frozen reference, the sampler and the preference; returns the prompt rows."""
         cfg, device = self.cfg, self.dist.device
         self.policy = load_model(str(model_dir), device=device)
         # The frozen reference pi_ref, in the policy's dtype and under the same autocast, so that the
@@ -136,17 +144,26 @@ class Trainer:
                 shard(scorer.model, self.dist, cfg.bf16, frozen=True)
         return load_prompts(cfg.dataset_name, cfg.dataset_train_split, cfg.dataset_config)
 
-    # ---- the data: micro-batch m of the whole run is batch m % B of epoch m // B ----
+    # ---- the data: step s is step s % S of epoch s // S; each but an epoch's last takes GA batches ----
 
     def micro_batches(self):
         """(epoch, batch) of this rank's micro-batches from where the run stands (after a resume too)."""
-        per_epoch = self.data.batches_per_epoch
-        m = self.step * self.cfg.gradient_accumulation_steps
+        epoch, step = divmod(self.step, self.steps_per_epoch)
+        start = step * self.cfg.gradient_accumulation_steps
         while True:
-            epoch, start = divmod(m, per_epoch)
             for batch in self.data.batches(epoch, start):
                 yield epoch, batch
-            m = (epoch + 1) * per_epoch
+            epoch, start = epoch + 1, 0
+
+    def batches_in_step(self, step: int) -> int:
+        """How many micro-batches optimizer step `step` (from 0) takes: GA, or what its epoch has left."""
+        done = step % self.steps_per_epoch * self.cfg.gradient_accumulation_steps
+        return min(self.cfg.gradient_accumulation_steps, self.data.batches_per_epoch - done)
+
+    def epochs_done(self, steps: int) -> float:
+        """Epochs done after `steps` optimizer steps, as HF logs them: a fraction of the epoch's batches."""
+        epoch, step = divmod(steps, self.steps_per_epoch)
+        return epoch + step * self.cfg.gradient_accumulation_steps / self.data.batches_per_epoch
 
     # ---- the loop ----
 
@@ -157,14 +174,14 @@ class Trainer:
         window, started = Metrics(), time.perf_counter()
         while self.step < self.total_steps:
             learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses
-            metrics, grad_norm = self.train_step([next(batches) for _ in range(cfg.gradient_accumulation_steps)])
+            metrics, grad_norm = self.train_step([next(batches) for _ in range(self.batches_in_step(self.step))])
             window.add(metrics)
             self.step += 1
             if self.step % log_every == 0 or self.step == self.total_steps or (cfg.logging_first_step and self.step == 1):
                 # As HF's Trainer logs them: the last step's grad_norm and learning rate, not the
                 # window's means, and the epochs done so far as a fraction.
-                epochs_done = self.step * cfg.gradient_accumulation_steps / self.data.batches_per_epoch
-                last = {"grad_norm": grad_norm.item(), "learning_rate": learning_rate, "epoch": epochs_done}
+                last = {"grad_norm": grad_norm.item(), "learning_rate": learning_rate,
+                        "epoch": self.epochs_done(self.step)}
                 self.log(window, last, time.perf_counter() - started)
                 window, started = Metrics(), time.perf_counter()
             if save_every and self.step % save_every == 0 and self.step < self.total_steps:
@@ -197,16 +214,20 @@ class Trainer:
             return [self.rollout(batch, self.cfg.beta[min(epoch, len(self.cfg.beta) - 1)])
                     for epoch, batch in micro_batches]  # a list of betas gives one per epoch
 
-    def rollout(self, prompts: list, beta: float) -> Rollout:
+    def rollout(self, rows: list[dict], beta: float) -> Rollout:
         cfg, tok = self.cfg, self.tokenizer
+        prompts = [row["prompt"] for row in rows]
         # Prompts keep their last max_length - max_new_tokens tokens, so each completion is scored
         # on exactly the context it was sampled from (the reference cuts only when scoring).
         prompt_ids, prompt_mask = tok.encode_rows(prompts, max_length=cfg.max_length - cfg.max_new_tokens)
         out = self.sampler.generate(
-            prompt_ids, prompt_mask, n=2, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id, generator=self.generator)
-        completions = tok.batch_decode(out.ids.tolist())  # rows 2b and 2b+1 answer prompt b
-        chosen, rejected, decided, scores = self.preference(prompts, completions, out.has_eos)
+            prompt_ids, prompt_mask, n=2, max_new_tokens=cfg.max_new_tokens, eos_token_ids=tok.eos_token_ids,
+            pad_token_id=tok.pad_token_id, generator=self.generator, decode=tok.decode, **cfg.sampling())
+        ids = out.ids.tolist()  # rows 2b and 2b+1 answer prompt b
+        # What TRL's trainer state tells reward functions: the steps done, of how many, and the epochs.
+        state = SimpleNamespace(global_step=self.step, max_steps=self.total_steps, epoch=self.epochs_done(self.step))
+        chosen, rejected, decided, scores = self.preference(rows, tok.batch_decode(ids), out.has_eos,
+                                                            completion_ids=ids, trainer_state=state)
         # Prompt-major rows [2B, ...] -> [B, 2, ...], each prompt's chosen completion first.
         device = out.ids.device
         rows = (2 * torch.arange(len(prompts))[:, None] + torch.stack([chosen, rejected], 1)).to(device)

@@ -36,34 +36,39 @@ def error(func, *args) -> str:
     return message
 
 
+def prompt_column(*args, **kwargs) -> list:
+    return [row["prompt"] for row in load_prompts(*args, **kwargs)]
+
+
 # --- formats ---
 
-def test_jsonl_standard_and_conversational_rows_other_columns_ignored(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi.", "completion": "hi"}, {"prompt": CHAT, "id": 3}])
-    assert load_prompts(str(path)) == ["Say hi.", CHAT]
+def test_jsonl_standard_and_conversational_rows_other_columns_kept(tmp_path):
+    # The other columns go to reward functions, as TRL passes them.
+    rows = [{"prompt": "Say hi.", "completion": "hi"}, {"id": 3, "prompt": CHAT}]
+    assert load_prompts(write_jsonl(tmp_path / "p.jsonl", rows)) == rows
 
 
 def test_json_list_of_rows(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps([{"prompt": "a"}, {"prompt": CHAT}], indent=2))
-    assert load_prompts(str(path)) == ["a", CHAT]
+    assert prompt_column(str(path)) == ["a", CHAT]
 
 
 def test_json_file_holding_json_lines(tmp_path):
     # The datasets library reads JSON Lines from .json files; Hub repos rely on it.
     path = write_jsonl(tmp_path / "p.json", [{"prompt": "a"}, {"prompt": "b"}])
-    assert load_prompts(str(path)) == ["a", "b"]
+    assert prompt_column(str(path)) == ["a", "b"]
 
 
 def test_jsonl_line_separator_inside_a_string(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "one\u2028two"}\n', encoding="utf-8")
-    assert load_prompts(str(path)) == ["one\u2028two"]
+    assert prompt_column(str(path)) == ["one\u2028two"]
 
 
 def test_parquet(tmp_path):
     path = write_parquet(tmp_path / "p.parquet", [{"prompt": CHAT, "extra": 1}, {"prompt": CHAT, "extra": 2}])
-    assert load_prompts(str(path)) == [CHAT, CHAT]
+    assert prompt_column(str(path)) == [CHAT, CHAT]
 
 
 def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
@@ -75,7 +80,7 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_shipped_demo_prompts_load():
-    prompts = load_prompts(str(Path(data.__file__).with_name("prompts.jsonl")))
+    prompts = prompt_column(str(Path(data.__file__).with_name("prompts.jsonl")))
     assert 100 <= len(prompts) <= 160
     assert all(len(p) == 1 and p[0]["role"] == "user" for p in prompts)
     assert len({p[0]["content"] for p in prompts}) == len(prompts)
@@ -89,8 +94,8 @@ def test_directory_picks_the_split_files(tmp_path):
     write_jsonl(tmp_path / "data" / "test-00000-of-00001.jsonl", [{"prompt": "t"}])
     write_jsonl(tmp_path / ".cache" / "train.jsonl", [{"prompt": "hidden"}])  # huggingface_hub's local-dir metadata
     (tmp_path / "README.md").write_text("# card")
-    assert load_prompts(str(tmp_path)) == ["a", "b"]
-    assert load_prompts(str(tmp_path), split="test") == ["t"]
+    assert prompt_column(str(tmp_path)) == ["a", "b"]
+    assert prompt_column(str(tmp_path), split="test") == ["t"]
     message = error(load_prompts, str(tmp_path), "validation")
     assert message == f"{tmp_path}: no split 'validation'; available: test, train"
 
@@ -98,16 +103,16 @@ def test_directory_picks_the_split_files(tmp_path):
 def test_directory_with_parquet_and_split_folders(tmp_path):
     write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", [{"prompt": "p"}])
     write_parquet(tmp_path / "data" / "validation-00000-of-00001.parquet", [{"prompt": "v"}])
-    assert load_prompts(str(tmp_path), "validation") == ["v"]
+    assert prompt_column(str(tmp_path), "validation") == ["v"]
     # The Hub's parquet-conversion layout: {config}/{split}/0000.parquet
     write_parquet(tmp_path / "conv" / "default" / "train" / "0000.parquet", [{"prompt": "c"}])
-    assert load_prompts(str(tmp_path / "conv")) == ["c"]
+    assert prompt_column(str(tmp_path / "conv")) == ["c"]
 
 
 def test_directory_configuration(tmp_path):
     write_jsonl(tmp_path / "short" / "train.jsonl", [{"prompt": "s"}])
     write_jsonl(tmp_path / "long" / "train.jsonl", [{"prompt": "l"}])
-    assert load_prompts(str(tmp_path), "train", "long") == ["l"]
+    assert prompt_column(str(tmp_path), "train", "long") == ["l"]
     assert "no configuration 'medium'" in error(load_prompts, str(tmp_path), "train", "medium")
 
 
@@ -120,7 +125,7 @@ def test_hub_repo_downloads_only_the_split(tmp_path, monkeypatch):
         return str(tmp_path)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    assert load_prompts("trl-lib/ultrafeedback-prompt") == ["from the hub"]
+    assert prompt_column("trl-lib/ultrafeedback-prompt") == ["from the hub"]
     (call,) = calls
     assert call["repo_id"] == "trl-lib/ultrafeedback-prompt" and call["repo_type"] == "dataset"
     wanted = ["data/train-00000-of-00001.parquet", "train.jsonl", "data/train.json", "default/train/0000.parquet"]
@@ -234,14 +239,19 @@ def test_preference_errors(tmp_path, row, message):
 
 # --- batches under torchrun ---
 
-def test_ranks_get_disjoint_shards_with_equal_batch_counts():
-    items = list(range(21))  # 21 // 2 ranks = 10 each -> 2 full batches of 4; the rest is dropped
+def test_ranks_get_equal_full_batches_as_accelerate_deals_them():
+    # 21 items in batches of 4: 6 batches, the last of 1 item, on 2 ranks: 3 rounds of 2 batches, the
+    # last round filled up with the epoch's first 3 items (accelerate's even_batches).
+    items = list(range(21))
     ranks = [PromptSampler(items, batch_size=4, rank=r, world_size=2, seed=1) for r in range(2)]
     batches = [list(s.batches(epoch=0)) for s in ranks]
-    assert [len(b) for b in batches] == [2, 2] and ranks[0].batches_per_epoch == 2
+    assert [len(b) for b in batches] == [3, 3] and ranks[0].batches_per_epoch == 3
     assert all(len(batch) == 4 for rank in batches for batch in rank)
-    seen = [set(x for batch in rank for x in batch) for rank in batches]
-    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16
+    dealt = [x for j in range(6) for x in batches[j % 2][j // 2]]  # batch j went to rank j % 2
+    order = dealt[:21]
+    assert sorted(order) == items and dealt[21:] == order[:3]
+    single = PromptSampler(items, batch_size=4, seed=1)  # one process keeps the last partial batch
+    assert [len(b) for b in single.batches(0)] == [4, 4, 4, 4, 4, 1] and sum(single.batches(0), []) == order
 
 
 def test_shuffle_is_deterministic_per_seed_and_epoch():
@@ -260,6 +270,8 @@ def test_resume_from_a_position_is_exact():
     assert list(restarted.batches(epoch=2, start=3)) == full[3:]
 
 
-def test_too_few_rows_for_the_ranks():
-    with pytest.raises(ValueError, match="7 rows are too few for 2 process"):
-        PromptSampler(list(range(7)), batch_size=4, world_size=2)
+def test_fewer_rows_than_the_ranks_take():
+    # 3 rows for 2 ranks x 4: the order repeats until every rank has a full batch.
+    batches = [list(PromptSampler(list(range(3)), batch_size=4, rank=r, world_size=2).batches(0)) for r in range(2)]
+    dealt = batches[0][0] + batches[1][0]
+    assert dealt == dealt[:3] * 2 + dealt[:2] and sorted(dealt[:3]) == [0, 1, 2]

@@ -215,9 +215,9 @@ class PlainPromptsOnly:
     def __init__(self, preference, decided: list):
         self.preference, self.decided = preference, decided
 
-    def __call__(self, prompts, completions, has_eos):
-        chosen, rejected, _, scores = self.preference(prompts, completions, has_eos)
-        valid = torch.tensor([isinstance(p, str) for p in prompts])
+    def __call__(self, rows, completions, has_eos, **kwargs):
+        chosen, rejected, _, scores = self.preference(rows, completions, has_eos, **kwargs)
+        valid = torch.tensor([isinstance(row["prompt"], str) for row in rows])
         self.decided.append(int(valid.sum()))
         return chosen, rejected, valid, scores
 
