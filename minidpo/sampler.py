@@ -211,7 +211,7 @@ class Sampler:
         self.reserve(rows, prompt_len + max_new_tokens)
         logits = self.prefill(input_ids, attention_mask, n)
         if repetition_penalty != 1:  # the prompt's tokens (not its padding), then each sampled one
-            seen = torch.zeros(logits.shape, dtype=torch.long, device=device)
+            seen = torch.zeros(prompts, logits.shape[-1], dtype=torch.long, device=device)
             seen = seen.scatter_add_(1, input_ids, attention_mask).repeat_interleave(n, 0) > 0
 
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)

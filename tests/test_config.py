@@ -170,6 +170,16 @@ def test_unsupported_messages_point_somewhere():
     (["--judge", "j", "--report_to", "mlflow"], "--report_to 'mlflow' is not supported; use none, tensorboard, wandb"),
     (["--judge", "j", "--objective", "sft"], "--objective must be one of online_dpo, reward"),
     (["--judge", "j", "--use_vllm"], "--use_vllm: minidpo generates in-process"),
+    (["--judge", "j", "--missing_eos_penalty", "1"], "--missing_eos_penalty applies to reward scores; a --judge"),
+    (["--reward_funcs", "m:f", "--reward_weights", "1", "2"], "--reward_weights: 2 weights for 1 reward model"),
+    (["--judge", "j", "--top_k", "-1"], "--top_k must be >= 0, got -1"),
+    (["--judge", "j", "--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
+    (["--judge", "j", "--min_p", "2"], "--min_p must be in [0, 1], got 2.0"),
+    (["--judge", "j", "--repetition_penalty", "0"], "--repetition_penalty must be > 0"),
+    (["--judge", "j", "--generation_kwargs", '{"top_p": 1.5}'], "--top_p must be in (0, 1], got 1.5"),
+    (["--judge", "j", "--generation_kwargs", '{"num_beams": 4}'],
+     "--generation_kwargs: num_beams not supported; use temperature, top_k"),
+    (["--judge", "j", "--generation_kwargs", "{top_k: 4}"], "argument --generation_kwargs: not JSON: Expecting property name"),
 ])
 def test_validation_errors_name_the_flag(capsys, extra, message):
     assert message in error_line(capsys, BASE + extra)

@@ -10,7 +10,7 @@ import torch
 import transformers as T
 
 import minidpo
-from minidpo.sampler import Sampler, generate, sample
+from minidpo.sampler import Sampler, generate, penalize_repetition, sample
 
 VOCAB = 101
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -356,3 +356,81 @@ def test_cuda_graph_under_bf16_autocast_sees_weight_updates(cuda_llama):
     assert not torch.equal(before, after)
     assert torch.equal(after, greedy(eager, ids, mask, n=2, max_new_tokens=24).ids)
     assert graphs.captures == 1 and graphs.cache.k[0].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampling flags TRL has, end to end through generate(), against transformers' processors.
+
+
+def test_repetition_penalty_matches_transformers():
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(4, VOCAB, generator=g) * 3, torch.randint(0, VOCAB, (4, 30), generator=g)
+    seen = torch.zeros(4, VOCAB, dtype=torch.bool).scatter_(1, ids, True)
+    for penalty in (1.7, 0.6):
+        expected = T.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        torch.testing.assert_close(penalize_repetition(logits, seen, penalty), expected, rtol=0, atol=0)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(llama):
+    ref, model = llama
+    ids, mask = prompts([5, 5, 5])  # no padding: transformers would count a pad token as seen
+    ref.generation_config.eos_token_id = None
+    expected = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
+                            repetition_penalty=1.8, pad_token_id=PAD)[:, ids.shape[1]:]
+    out = greedy(model, ids, mask, max_new_tokens=16, repetition_penalty=1.8)
+    assert torch.equal(out.ids, expected)
+    assert not torch.equal(out.ids, greedy(model, ids, mask, max_new_tokens=16).ids)  # the penalty mattered
+
+
+# Each flag (and all at once) strong enough to move the distribution far from the plain one.
+FLAGS = {
+    "top_k": dict(top_k=5),
+    "top_p": dict(top_p=0.5),
+    "min_p": dict(min_p=0.3),
+    "repetition_penalty": dict(repetition_penalty=0.3),  # below 1: the prompt's tokens become likelier
+    "all": dict(temperature=0.8, top_k=20, top_p=0.8, min_p=0.1, repetition_penalty=1.5),
+}
+
+
+def transformers_distribution(ref, ids, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
+    """The next-token distribution transformers samples from with these flags, in its order."""
+    processors = T.LogitsProcessorList([T.RepetitionPenaltyLogitsProcessor(repetition_penalty),
+                                        T.TemperatureLogitsWarper(temperature)])
+    processors += [T.TopKLogitsWarper(top_k)] if top_k else []
+    processors += [T.TopPLogitsWarper(top_p)] if top_p < 1 else []
+    processors += [T.MinPLogitsWarper(min_p)] if min_p else []
+    with torch.no_grad():
+        return processors(ids, ref(ids).logits[:, -1].double()).softmax(-1)[0].float()
+
+
+@pytest.mark.parametrize("case", list(FLAGS))
+def test_sampling_flags_match_transformers_distribution(llama, case):
+    ref, model = llama
+    ids, mask = prompts([12], seed=3)
+    draws = 40_000  # one prompt, 40k samples of its first token
+    out = Sampler(model, cuda_graphs=False).generate(ids, mask, n=draws, max_new_tokens=1, pad_token_id=PAD,
+                                                     generator=torch.Generator().manual_seed(0), **FLAGS[case])
+    freq = torch.bincount(out.ids[:, 0], minlength=VOCAB).float() / draws
+    expected = transformers_distribution(ref, ids, **FLAGS[case])
+    assert (freq[expected == 0] == 0).all(), "a filtered token was drawn"
+    # 40k draws over this model's ~60 likely tokens: a total variation of about 0.015 by chance.
+    assert 0.5 * (freq - expected).abs().sum() < 0.03
+    assert 0.5 * (transformers_distribution(ref, ids) - expected).abs().sum() > 0.1  # the flag matters
+
+
+def test_stop_strings_end_a_completion_but_are_no_eos(llama):
+    _, model = llama
+    ids, mask = prompts([6, 3, 8])
+    free = greedy(model, ids, mask).ids
+    decode = lambda row: " ".join(map(str, row))  # noqa: E731 (token ids as text)
+    stop = f"{int(free[0, 3])} {int(free[0, 4])}"  # row 0 ends at its 5th token, or where it first says this
+    eos = int(free[1, 2])  # row 1 ends with an EOS at its 3rd token, if not earlier
+    out = greedy(model, ids, mask, eos_token_ids=[eos], stop_strings=[stop], decode=decode)
+    for row in range(3):
+        tokens = free[row].tolist()
+        ends = [t for t in range(12) if tokens[t] == eos or stop in decode(tokens[:t + 1])]
+        length = ends[0] + 1 if ends else 12
+        assert out.mask[row].tolist() == [1] * length + [0] * (out.ids.shape[1] - length)
+        assert torch.equal(out.ids[row, :length], free[row, :length]) and (out.ids[row, length:] == PAD).all()
+        assert bool(out.has_eos[row]) == (bool(ends) and tokens[ends[0]] == eos)  # a stop string is no EOS
+    assert out.mask[0].sum() <= 5 and not out.has_eos[0] and out.has_eos[1]

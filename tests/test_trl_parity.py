@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers as T
 
+from fakes import FixedSampler
 from minidpo.checkpoint import tensor_plan
 from minidpo.config import parse_args
 from minidpo.data import PromptSampler
@@ -299,3 +300,29 @@ def test_prompt_ending_with_an_assistant_turn_is_continued(backend, tmp_path, te
     # Scored, the completion is the rest of that assistant turn.
     merged = prompt[:-1] + [{"role": "assistant", "content": prompt[-1]["content"] + "blue"}]
     assert ours.render(prompt, "blue") == hf.apply_chat_template(merged, tokenize=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL's sampling flags: the same names and defaults, and they reach the sampler.
+
+def test_sampling_flags_as_trls_reach_the_sampler(world, tmp_path):
+    trl_defaults = OnlineDPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True)
+    ours = parse_args(flags(world, tmp_path, "--judge", "shorter"))
+    for name in ("top_k", "top_p", "repetition_penalty", "generation_kwargs"):
+        assert getattr(ours, name) == getattr(trl_defaults, name), name
+    assert trl_defaults.min_p is None and ours.min_p == 0.0  # both off
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": words(i, 3)} for i in range(2)])
+    trainer = Trainer(parse_args(flags(world, tmp_path / "ours", "--dataset_name", data, "--judge", "shorter",
+                                       "--per_device_train_batch_size", 2, "--top_k", 7, "--top_p", 0.9,
+                                       "--min_p", 0.05, "--repetition_penalty", 1.2, "--generation_kwargs",
+                                       '{"top_p": 0.8, "stop_strings": "day", "min_new_tokens": 2}')))
+    calls, fixed = [], FixedSampler(4, trainer.tokenizer.vocab_size)
+    trainer.sampler.generate = lambda *args, **kwargs: calls.append(kwargs) or fixed.generate(*args, **kwargs)
+    trainer.train_step([next(trainer.micro_batches())])
+    # --generation_kwargs wins over the flags, as in TRL; one stop string is a list of one.
+    assert {k: calls[0][k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                     "stop_strings", "min_new_tokens")} == dict(
+        temperature=0.9, top_k=7, top_p=0.8, min_p=0.05, repetition_penalty=1.2, stop_strings=["day"],
+        min_new_tokens=2)
+    assert calls[0]["decode"] == trainer.tokenizer.decode
