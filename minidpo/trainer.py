@@ -214,8 +214,8 @@ class Trainer:
         # Prompt-major rows [B*n, ...] -> [B, n, ...], each prompt's chosen completion first, then the
         # rejected one, then the others (kept only for the metrics that average over all samples).
         B, device = len(prompts), out.ids.device
-        rank = torch.arange(n).repeat(B, 1).scatter_(1, chosen[:, None], -2).scatter_(1, rejected[:, None], -1)
-        rows = (n * torch.arange(B)[:, None] + rank.argsort(1)).to(device)
+        key = torch.arange(n).repeat(B, 1).scatter_(1, chosen[:, None], -2).scatter_(1, rejected[:, None], -1)
+        rows = (n * torch.arange(B)[:, None] + key.argsort(1)).to(device)
         rollout = Rollout(prompt_ids.to(device), prompt_mask.to(device), out.ids[rows[:, :2]], out.mask[rows[:, :2]],
                           out.has_eos[rows], None if scores is None else scores.to(device)[rows], decided.to(device),
                           beta)
