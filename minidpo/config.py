@@ -19,7 +19,6 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
 OBJECTIVES = ("online_dpo", "reward")
-# What --generation_kwargs may set: the sampler's options (transformers' names).
 GENERATION_KWARGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "min_new_tokens", "stop_strings")
 
 MODEL, JUDGE, GENERATION, OPTIM, SCHEDULE, LOGGING, HUB = (
@@ -139,9 +138,9 @@ class Config:
         need(self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         need(self.max_new_tokens < self.max_length, f"--max_new_tokens ({self.max_new_tokens}) must be smaller "
              f"than --max_length ({self.max_length}), which also holds the prompt")
-        unknown = [k for k in self.generation_kwargs or {} if k not in GENERATION_KWARGS]
-        need(not unknown, f"--generation_kwargs: {', '.join(unknown)} not supported; "
-             f"use {', '.join(GENERATION_KWARGS)}")
+        kwargs = self.generation_kwargs or {}
+        need(isinstance(kwargs, dict) and set(kwargs) <= set(GENERATION_KWARGS), f"--generation_kwargs must be "
+             f"a JSON object of {', '.join(GENERATION_KWARGS)}, got {json.dumps(kwargs)}")
         s = self.sampling()
         for name, ok, allowed in (("temperature", s["temperature"] > 0, "> 0"), ("top_k", s["top_k"] >= 0, ">= 0"),
                                   ("top_p", 0 < s["top_p"] <= 1, "in (0, 1]"),
@@ -254,16 +253,6 @@ UNSUPPORTED = {
 }
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
 def _bool(text: str) -> bool:
     # HfArgumentParser's spellings, so `--bf16`, `--bf16 true` and `--bf16 False` all work.
     if text.lower() in ("true", "1", "yes"):
@@ -310,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
             if default:  # as in HfArgumentParser, a flag that is on by default also has a --no_ form
                 group.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         elif kind is dict:
-            group.add_argument(f"--{f.name}", type=_json_object, metavar="JSON", help=text)
+            group.add_argument(f"--{f.name}", type=json.loads, metavar="JSON", help=text)
         elif typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
             group.add_argument(f"--{f.name}", type=item, nargs="+", metavar=item.__name__.upper(), help=text)

@@ -19,8 +19,7 @@ EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
 def load_prompts(name_or_path: str, split: str = "train", config: str | None = None) -> list[dict]:
-    """The rows of a split, each {"prompt": a string or a message list to render with a chat
-    template, and the row's other columns as they are}."""
+    """A split's rows: {"prompt": a string or messages for a chat template, the other columns as they are}."""
     rows = [row | {"prompt": _text(row, "prompt", where)} for path in data_files(name_or_path, split, config)
             for where, row in read_rows(path)]
     if not rows:

@@ -145,8 +145,7 @@ class RewardModel:
         return cls(model, tokenizer, **options)
 
     @torch.inference_mode()
-    def __call__(self, prompts: list, completions: list, **columns) -> torch.Tensor:
-        """[N] scores on the CPU; `columns` (what reward functions also get) are not read."""
+    def __call__(self, prompts: list, completions: list, **unused) -> torch.Tensor:  # [N] on the CPU
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(prompts), self.batch_size):
@@ -155,8 +154,8 @@ class RewardModel:
             if self.max_length and ids.shape[1] > self.max_length:
                 if not self.warned:
                     print(f"warning: the reward model reads at most {self.max_length} tokens; longer prompts + "
-                          f"completions ({ids.shape[1]} tokens here) lose their start", file=sys.stderr)
-                    self.warned = True
+                          "completions lose their start", file=sys.stderr)
+                self.warned = True
                 ids, mask = self.tokenizer.encode_rows(prompts[rows], completions[rows],
                                                        padding_side=self.padding_side, max_length=self.max_length)
             ids, mask = ids.to(device), mask.to(device)
@@ -181,8 +180,7 @@ class RewardFunctions:
     """Reward functions combined into one score per completion, like TRL's `reward_funcs`.
 
     A reward function is a callable (prompts, completions, **kwargs) -> list[float] (a RewardModel
-    is one); the keyword arguments are passed through (the trainer passes TRL's: completion_ids,
-    trainer_state and the dataset's other columns). A value of None means "no opinion on this
+    is one); the keyword arguments are passed through. A value of None means "no opinion on this
     completion" and is left out of its weighted sum, as in TRL.
     """
 
@@ -405,10 +403,9 @@ class Preference:
     """Which of each prompt's n sampled completions are chosen and rejected (the rollout's last part).
 
     A pairwise judge compares a prompt's two completions; -1 (undecided) drops the pair. A reward
-    model and/or reward functions (weighted by reward_weights, the model's weight first, as TRL's
-    reward_funcs) score each completion, completions without EOS lose missing_eos_penalty, and the
-    best-scored completion is chosen, the worst rejected. Of two scores the higher wins and the
-    first on a tie, as in the reference.
+    model and/or reward functions (weighted by reward_weights, the model's first) score each
+    completion, completions without EOS lose missing_eos_penalty, and the best-scored completion is
+    chosen, the worst rejected. Of two scores the higher wins and the first on a tie, as in the reference.
     """
 
     def __init__(self, cfg, device):

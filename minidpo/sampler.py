@@ -160,8 +160,8 @@ class Sampler:
 
         Stops at max_new_tokens, or as soon as every row has produced one of eos_token_ids (never
         before min_new_tokens: EOS is suppressed until then). A row also ends with the token that
-        completes one of stop_strings in its text (`decode`: token ids -> text); it is cut after
-        sampling, so such rows do not end the loop early. `generator` must be on the model's device.
+        completes one of stop_strings in its text (`decode`: ids -> text), cut after the loop.
+        `generator` must be on the model's device.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

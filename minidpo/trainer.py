@@ -105,10 +105,9 @@ class Trainer:
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else from_epochs
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         # As HF's Trainer: biases and norm weights are not decayed.
-        params = dict(self.policy.named_parameters())
-        exempt = {name for name in params if name.endswith(".bias") or "norm" in name}
-        groups = [{"params": [p for name, p in params.items() if (name in exempt) == no_decay],
-                   "weight_decay": 0.0 if no_decay else cfg.weight_decay} for no_decay in (False, True)]
+        groups = [{"params": [p for name, p in self.policy.named_parameters()
+                              if (name.endswith(".bias") or "norm" in name) == exempt],
+                   "weight_decay": 0.0 if exempt else cfg.weight_decay} for exempt in (False, True)]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            eps=cfg.adam_epsilon, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -228,7 +227,6 @@ class Trainer:
             prompt_ids, prompt_mask, n=n, max_new_tokens=cfg.max_new_tokens, eos_token_ids=tok.eos_token_ids,
             pad_token_id=tok.pad_token_id, generator=self.generator, decode=tok.decode, **cfg.sampling())
         ids = out.ids.tolist()  # rows b*n .. b*n+n-1 answer prompt b
-        # What TRL's trainer state tells reward functions: the steps done, of how many, and the epochs.
         state = SimpleNamespace(global_step=self.step, max_steps=self.total_steps, epoch=self.epochs_done(self.step))
         chosen, rejected, decided, scores = self.preference(batch, tok.batch_decode(ids), out.has_eos, n,
                                                             completion_ids=ids, trainer_state=state)

@@ -178,8 +178,10 @@ def test_unsupported_messages_point_somewhere():
     (["--judge", "j", "--repetition_penalty", "0"], "--repetition_penalty must be > 0"),
     (["--judge", "j", "--generation_kwargs", '{"top_p": 1.5}'], "--top_p must be in (0, 1], got 1.5"),
     (["--judge", "j", "--generation_kwargs", '{"num_beams": 4}'],
-     "--generation_kwargs: num_beams not supported; use temperature, top_k"),
-    (["--judge", "j", "--generation_kwargs", "{top_k: 4}"], "argument --generation_kwargs: not JSON: Expecting property name"),
+     '--generation_kwargs must be a JSON object of temperature, top_k, top_p, min_p, repetition_penalty, '
+     'min_new_tokens, stop_strings, got {"num_beams": 4}'),
+    (["--judge", "j", "--generation_kwargs", '[1]'], "--generation_kwargs must be a JSON object"),
+    (["--judge", "j", "--generation_kwargs", "{top_k: 4}"], "argument --generation_kwargs: invalid loads value"),
 ])
 def test_validation_errors_name_the_flag(capsys, extra, message):
     assert message in error_line(capsys, BASE + extra)
