@@ -20,20 +20,12 @@ from minidpo.judges import Preference
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import Trainer
 from test_tokenizer import LLAMA2_TEMPLATE, backend, chatml_config, write_dir  # noqa: F401 (backend: a fixture)
-from tiny_world import MODEL, WORDS, save_model
+from test_trainer import words, write_jsonl
+from tiny_world import MODEL, save_model
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 trl = pytest.importorskip("trl")
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer  # noqa: E402
-
-
-def words(i: int, n: int) -> str:
-    return " ".join(WORDS[3 + (i * 5 + j * 7) % (len(WORDS) - 3)] for j in range(n))
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
