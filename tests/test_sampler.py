@@ -335,6 +335,19 @@ def test_cuda_graph_sampling_matches_eager_with_a_seed(cuda_llama):
 
 
 @pytest.mark.gpu
+def test_cuda_graph_with_repetition_penalty_and_stop_strings_matches_eager(cuda_llama):
+    # The penalty applies to the logits the graph wrote, outside the graph: both paths sample alike.
+    model = minidpo.load_model(str(cuda_llama), device="cuda")
+    ids, mask = prompts([7, 3, 10, 1])
+    kwargs = dict(n=2, max_new_tokens=24, temperature=0.9, top_k=50, repetition_penalty=1.5, pad_token_id=PAD,
+                  stop_strings=["1 2", "5"], decode=lambda row: " ".join(map(str, row)))
+    runs = [Sampler(model, cuda_graphs=graphs).generate(ids, mask, generator=torch.Generator("cuda").manual_seed(0),
+                                                        **kwargs) for graphs in (True, False)]
+    assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].mask, runs[1].mask)
+    assert not runs[0].mask.all()  # the stop strings cut some rows
+
+
+@pytest.mark.gpu
 def test_compiled_cuda_graph_matches_eager(cuda_llama):
     model = minidpo.load_model(str(cuda_llama), device="cuda")
     ids, mask = prompts([7, 3, 10, 1])

@@ -33,7 +33,6 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("trl_world")
     torch.manual_seed(0)
     return {
-        "root": root,
         "llama": save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2))),
         "qwen2": save_model(root / "qwen2", T.Qwen2ForCausalLM(T.Qwen2Config(**MODEL, num_key_value_heads=2))),
         "neox": save_model(root / "neox", T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**MODEL, rotary_pct=0.25))),
