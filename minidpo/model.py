@@ -116,7 +116,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the first rotary_dim features of x [B, H, T, head_dim] in "half" layout:
     pairs are (i, i + d/2), not adjacent features (the HF checkpoints are stored that way)."""
     rotary_dim = cos.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x may be bf16 while the weights are fp32
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     x1, x2 = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -192,7 +191,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if kv is not None:
-            kv[0].index_copy_(2, slots, k)
+            kv[0].index_copy_(2, slots, k.to(kv[0].dtype))  # under autocast k is fp32 (see Transformer.rope)
             kv[1].index_copy_(2, slots, v)
             k, v = kv
         if mask is None:
@@ -338,13 +337,12 @@ class Transformer(nn.Module):
         if self.cfg.sliding_window is not None:
             near = positions[:, None, :, None] - key_positions[:, None, None, :] < self.cfg.sliding_window
             sliding_mask = near & (mask if mask is not None else causal_mask(T, input_ids.device))
-        rope = self.rope(positions.clamp(min=0), self.inv_freq)
-        if self.cfg.local_rope_theta is not None:
-            local_rope = self.rope(positions.clamp(min=0), self.local_inv_freq)
-
         x = self.embed(input_ids)
         if self.cfg.embed_scale:  # Gemma rounds sqrt(hidden_size) to the embeddings' dtype first
             x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype).item()
+        rope = self.rope(positions.clamp(min=0), self.inv_freq, x.dtype)
+        if self.cfg.local_rope_theta is not None:
+            local_rope = self.rope(positions.clamp(min=0), self.local_inv_freq, x.dtype)
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             cos, sin = local_rope if self.cfg.local_rope_theta is not None and self.cfg.is_local(i) else rope
@@ -368,12 +366,13 @@ class Transformer(nn.Module):
         return softcap(linear(x, weight), self.cfg.final_softcap)
 
     @staticmethod
-    def rope(positions, inv_freq):
-        """cos and sin [B, 1, T, rotary_dim] in fp32 for integer positions [B, T]; apply_rope casts
-        them to the activations' dtype."""
+    def rope(positions, inv_freq, dtype):
+        """cos and sin [B, 1, T, rotary_dim] for integer positions [B, T], computed in fp32 and given
+        the residual stream's dtype, as transformers does: under bf16 autocast with fp32 weights the
+        rotation of the bf16 queries and keys is then done in fp32."""
         freqs = positions[..., None].float() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return angles.cos(), angles.sin()
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     @staticmethod
     def attention_mask(key_valid, query_slots):

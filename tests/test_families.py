@@ -105,3 +105,129 @@ def test_each_switch_matters(tmp_path, name, field, value):
     ids = random_ids(1, 16)
     with torch.no_grad():
         assert (other(ids) - ref(input_ids=ids).logits).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_bf16_and_autocast_match_transformers(tmp_path, name):
+    """bf16 weights, and fp32 weights under bf16 autocast (the trainer's --bf16), both as transformers
+    computes them: Gemma's (1 + weight) norms in fp32, caps and embedding scale in bf16."""
+    ref, model = make(tmp_path, name)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        fp32 = ref(input_ids=ids).logits
+        with torch.autocast("cpu", torch.bfloat16):
+            ours_auto, theirs_auto = model(ids), ref(input_ids=ids).logits
+        ref16 = type(ref).from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        ours16 = minidpo.load_model(str(tmp_path), dtype=torch.bfloat16).eval()
+        ours_bf16, theirs_bf16 = ours16(ids), ref16(input_ids=ids).logits
+    assert ours_auto.dtype == theirs_auto.dtype == ours_bf16.dtype == theirs_bf16.dtype == torch.bfloat16
+    # bf16's relative step is 2^-8; one op rounded differently moves these logits by ~1-2% of the
+    # largest |logit|, so 2% between the implementations (measured: 0, bit for bit, CPU, torch 2.13).
+    close(ours_auto, theirs_auto, 0.02)
+    close(ours_bf16, theirs_bf16, 0.02)
+    assert (theirs_bf16.float() - fp32).abs().max().item() > 0  # bf16 really ran
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "gemma2"])
+def test_gradients_match_transformers(tmp_path, name):
+    """Gradients of every parameter, of a loss on log p(targets) through the chunked token_logprobs
+    path (Gemma 2: through its final soft-cap), against transformers' log_softmax of its logits."""
+    ref, model = make(tmp_path, name)
+    ref.train(), model.train()
+    ids, mask = left_padded()
+    targets = random_ids(*ids.shape, seed=9)
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2)) * mask
+    (model(ids, mask, targets=targets) * weights).sum().backward()
+    for row, n in enumerate(LENGTHS):  # the reference row by row (its window would count pads)
+        logits = ref(input_ids=ids[row:row + 1, -n:]).logits.float()
+        logp = F.log_softmax(logits, -1).gather(-1, targets[row:row + 1, -n:, None])[..., 0]
+        (logp * weights[row:row + 1, -n:]).sum().backward()
+    ours = hf_state_dict({k: p.grad for k, p in model.named_parameters()}, model.cfg, model.cfg.hf_config)
+    theirs = {k: p.grad for k, p in ref.named_parameters()}
+    assert set(ours) == set(theirs)
+    for key, grad in ours.items():
+        assert theirs[key].abs().max().item() > 1e-6, key  # every parameter matters
+        torch.testing.assert_close(grad, theirs[key], rtol=1e-4, atol=1e-5 * theirs[key].abs().max().item(), msg=key)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_greedy_decoding_matches_transformers_generate(tmp_path, name):
+    ref, model = make(tmp_path, name)
+    prompts = random_ids(2, 5, seed=11)
+    new = 10  # past the window: the cache holds more than it
+    ours = generate(model, prompts, torch.ones_like(prompts), max_new_tokens=new, temperature=0,
+                    eos_token_ids=[IDS["eos_token_id"]], pad_token_id=0)
+    theirs = ref.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, do_sample=False)
+    theirs = theirs[:, prompts.shape[1]:]
+    assert ours.ids.shape[1] > WINDOW and ours.ids.tolist() == theirs[:, : ours.ids.shape[1]].tolist()
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3", "qwen3_window"])
+def test_cached_decode_with_windows_equals_full_forward(tmp_path, name):
+    """Left-padded prompts of different lengths, decoded past the window through the KV cache: each
+    row's greedy tokens and final logits equal the full forward of that row alone."""
+    _, model = make(tmp_path, name)
+    lengths = [7, 3, 5]
+    ids, mask = left_padded(lengths, seed=12)
+    out = generate(model, ids, mask, max_new_tokens=9, temperature=0)
+    with torch.no_grad():
+        for row, n in enumerate(lengths):
+            seq = ids[row, -n:]
+            for _ in range(9):
+                seq = torch.cat([seq, model(seq[None])[0, -1].argmax().view(1)])
+            assert out.ids[row].tolist() == seq[n:].tolist()
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3"])
+def test_packed_scoring_with_windows_equals_each_completion_alone(tmp_path, name):
+    """Positions restart for the rejected completion, so its window reaches back into the prompt
+    exactly as in a row of its own."""
+    _, model = make(tmp_path, name)
+    prompts, prompt_mask = left_padded([6, 3], seed=13)
+    chosen, rejected = random_ids(2, 7, seed=14), random_ids(2, 7, seed=15)
+    pairs = pack_pairs(prompts, prompt_mask, chosen, rejected)
+    with torch.no_grad():
+        packed = model(pairs.input_ids, positions=pairs.positions, block_mask=pairs.block_mask,
+                       logits_to_keep=pairs.predicting, targets=pairs.targets)
+        for row, n in enumerate([6, 3]):
+            for part, completion in enumerate([chosen, rejected]):
+                seq = torch.cat([prompts[row, -n:], completion[row]])[None]
+                alone = F.log_softmax(model(seq)[0, n - 1 : -1], -1).gather(-1, completion[row, :, None])[:, 0]
+                close(packed[row, part * 7 : (part + 1) * 7], alone)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_saved_model_loads_in_transformers_with_equal_logits(tmp_path, name):
+    _, model = make(tmp_path / "src", name)
+    minidpo.save_pretrained(model, tmp_path / "out")
+    theirs = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        close(model(ids), theirs(input_ids=ids).logits)
+    if name == "phi3":  # fused as Phi-3 stores them
+        names = theirs.state_dict().keys()
+        assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
+
+
+def test_gemma3_vision_language_checkpoint_loads_its_language_model(tmp_path):
+    text = FAMILIES["gemma3"][0]()
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+    config = T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    ref, model = build(tmp_path / "vl", config, T.Gemma3ForConditionalGeneration)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        close(model(ids), ref(input_ids=ids).logits)
+    minidpo.save_pretrained(model, tmp_path / "out")
+    saved = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(saved).__name__ == "Gemma3ForCausalLM"
+    with torch.no_grad():
+        close(model(ids), saved(input_ids=ids).logits)
+
+
+def test_mixture_of_experts_is_refused_by_name(tmp_path):
+    config = T.Qwen3MoeConfig(**BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    T.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mixture-of-experts") as e:
+        minidpo.load_model(str(tmp_path))
+    assert "Qwen3MoeForCausalLM" in str(e.value) and "Gemma3" in str(e.value) and "\n" not in str(e.value)
