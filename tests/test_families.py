@@ -9,6 +9,9 @@ left-padded batch its window would count pads; minidpo's counts real tokens (mod
 padded row must equal the row alone.
 """
 
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,9 @@ from minidpo import last_token_scores
 from minidpo.checkpoint import hf_state_dict
 from minidpo.packing import pack_pairs
 from minidpo.sampler import generate
-from model_helpers import COMMON, VOCAB, build, random_ids
+from model_helpers import COMMON, build, random_ids
+from tiny_world import MODEL, WORDS, save_model
+import train
 
 WINDOW = 4
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -30,6 +35,8 @@ FAMILIES = {
     "qwen3": (lambda: T.Qwen3Config(**BASE, head_dim=24), T.Qwen3ForCausalLM, T.Qwen3ForSequenceClassification),
     "qwen3_window": (lambda: T.Qwen3Config(**BASE, head_dim=24, use_sliding_window=True, sliding_window=WINDOW,
                                            max_window_layers=1), T.Qwen3ForCausalLM, None),
+    "qwen2_window": (lambda: T.Qwen2Config(**BASE, use_sliding_window=True, sliding_window=WINDOW,
+                                           max_window_layers=1), T.Qwen2ForCausalLM, None),
     "mistral": (lambda: T.MistralConfig(**BASE, head_dim=24, sliding_window=WINDOW), T.MistralForCausalLM,
                 T.MistralForSequenceClassification),
     "gemma2": (lambda: T.Gemma2Config(**BASE, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
@@ -89,7 +96,7 @@ def test_logits_match_transformers(tmp_path, name, head):
 
 
 # Each switch must matter at these sizes: off, the logits move well past the tolerance.
-SWITCH_OFF = [("mistral", "sliding_window", None), ("qwen3_window", "sliding_window", None),
+SWITCH_OFF = [("mistral", "sliding_window", None), ("qwen2_window", "sliding_window", None), ("qwen3_window", "sliding_window", None),
               ("gemma2", "attn_softcap", None), ("gemma2", "final_softcap", None), ("gemma2", "attn_scale", None),
               ("gemma3", "local_rope_theta", 1e6), ("gemma3", "qk_norm", None), ("gemma3", "embed_scale", False),
               ("olmo2", "norm_layout", "pre"), ("phi3", "rotary_dim", 16), ("smollm3", "rope_layers", None),
@@ -231,3 +238,36 @@ def test_mixture_of_experts_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="mixture-of-experts") as e:
         minidpo.load_model(str(tmp_path))
     assert "Qwen3MoeForCausalLM" in str(e.value) and "Gemma3" in str(e.value) and "\n" not in str(e.value)
+
+
+TRAINER_RUNS = {
+    # policy, reward model (another family)
+    "qwen3_policy_gemma2_rm": (lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**MODEL, num_key_value_heads=2, head_dim=8)),
+                               lambda: T.Gemma2ForSequenceClassification(T.Gemma2Config(
+                                   **MODEL, head_dim=8, sliding_window=WINDOW, num_labels=1))),
+    "gemma3_policy_mistral_rm": (lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(
+                                     **MODEL, head_dim=8, sliding_window=WINDOW, layer_types=TWO_TYPES)),
+                                 lambda: T.MistralForSequenceClassification(T.MistralConfig(
+                                     **MODEL, num_key_value_heads=2, sliding_window=WINDOW, num_labels=1))),
+}
+
+
+@pytest.mark.parametrize("run", list(TRAINER_RUNS))
+def test_train_py_runs_a_policy_with_a_reward_model_of_another_family(tmp_path, run):
+    torch.manual_seed(0)
+    policy, reward_model = (save_model(tmp_path / name, make_model()) for name, make_model
+                            in zip(["policy", "rm"], TRAINER_RUNS[run]))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": " ".join(WORDS[i:i + 4])}]}) + "\n"
+                               for i in range(8)))
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", policy, "--reward_model_path", reward_model, "--dataset_name", prompts,
+            "--output_dir", out, "--max_new_tokens", 8, "--max_length", 64, "--logging_steps", 1,
+            "--save_steps", 0, "--max_steps", 3, "--per_device_train_batch_size", 2, "--learning_rate", 1e-3]
+    assert train.main([str(a) for a in argv]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    trained, ids = minidpo.load_model(str(out)).eval(), torch.randint(1, MODEL["vocab_size"], (1, 12))
+    with torch.no_grad():
+        close(trained(ids), T.AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits)
+        assert (trained(ids) - minidpo.load_model(str(policy))(ids)).abs().max() > 1e-4  # it learned something
