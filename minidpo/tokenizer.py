@@ -185,6 +185,12 @@ class Tokenizer:
         # transformers drops None-valued keys (e.g. content=None from OpenAI-style messages): templates test
         # for a missing key and would otherwise print "None".
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        # A message's reasoning goes under every name templates read it by (Qwen3: reasoning_content), as in
+        # transformers: the first of these present fills "reasoning_content" and, if absent, "thinking".
+        for i, m in enumerate(messages):
+            reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+            if reasoning is not None:
+                messages[i] = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         # Absent special tokens stay undefined (render as ""), not None (renders "None"); tools and documents
         # are passed as None because templates test `tools is not none`.
         variables = {k: getattr(self, k) for k in SPECIAL_TOKENS if getattr(self, k) is not None}

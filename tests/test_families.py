@@ -23,7 +23,8 @@ from minidpo.checkpoint import hf_state_dict
 from minidpo.packing import pack_pairs
 from minidpo.sampler import generate
 from model_helpers import COMMON, build, random_ids
-from tiny_world import MODEL, WORDS, save_model
+from minidpo.tokenizer import Tokenizer
+from tiny_world import MODEL, WORDS, save_model, save_tokenizer
 import train
 
 WINDOW = 4
@@ -271,3 +272,167 @@ def test_train_py_runs_a_policy_with_a_reward_model_of_another_family(tmp_path, 
     with torch.no_grad():
         close(trained(ids), T.AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits)
         assert (trained(ids) - minidpo.load_model(str(policy))(ids)).abs().max() > 1e-4  # it learned something
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates: test templates (written for these tests) that use the jinja features the
+# families' own templates use, rendered by minidpo and by transformers' PreTrainedTokenizerFast.
+
+THINKING = """{%- set ns = namespace(last_user=-1, system='') -%}
+{%- for m in messages[::-1] -%}
+  {%- if ns.last_user < 0 and m.role == 'user' and not m.content.startswith('<tool_response>') -%}
+    {%- set ns.last_user = messages|length - 1 - loop.index0 -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if tools %}<|im_start|>system
+Tools:{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}<|im_end|>
+{% endif -%}
+{%- for m in messages -%}
+  {%- if m.role == 'assistant' -%}
+    {%- set content, reasoning = m.content, m.reasoning_content if m.reasoning_content is string else '' -%}
+    {%- if not reasoning and '</think>' in content -%}
+      {%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}
+      {%- set content = content.split('</think>')[-1].lstrip('\\n') -%}
+    {%- endif -%}
+<|im_start|>assistant
+{% if loop.index0 > ns.last_user and reasoning %}<think>
+{{ reasoning }}
+</think>
+
+{% endif %}{{ content.rstrip() }}<|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% endif %}{% endif %}"""
+
+ALTERNATING = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+  {%- set prefix, turns = messages[0]['content'] | trim ~ '\\n\\n', messages[1:] -%}
+{%- else -%}
+  {%- set prefix, turns = '', messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+  {%- endif -%}
+{{ '<start_of_turn>' ~ ('model' if message['role'] == 'assistant' else message['role']) ~ '\\n'
+   ~ (prefix if loop.first else '') }}{{ message['content'] | trim }}<end_of_turn>
+{% endfor -%}
+{%- if add_generation_prompt %}<start_of_turn>model
+{% endif %}"""
+
+LOOP_CONTROLS = """{%- set ns = namespace(system='', last_user=-1) -%}
+{%- for m in messages -%}
+  {%- if m.role == 'system' %}{% set ns.system = m.content %}{% continue %}{% endif -%}
+  {%- if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif -%}
+{%- endfor -%}
+{{ bos_token }}
+{%- for m in messages -%}
+  {%- if loop.index > 12 %}{% break %}{% endif -%}
+  {%- if m.role == 'system' %}{% continue %}{% endif -%}
+  {%- if m.role == 'user' -%}
+[INST] {% if loop.index0 == ns.last_user and ns.system %}{{ ns.system }}
+
+{% endif %}{{ m.content }}[/INST]
+  {%- elif m.role == 'assistant' %} {{ m.content }}{{ eos_token }}
+  {%- else %}{{ raise_exception('Only user, assistant and system roles are supported, not ' ~ m.role) }}
+  {%- endif -%}
+{%- endfor -%}"""
+
+DATES_AND_STRINGS = """{%- set reasoning = '/no_think' if enable_thinking is defined and not enable_thinking else '/think' -%}
+{%- set system = messages[0].content if messages[0].role == 'system' else '' -%}
+{%- if '/no_think' in system %}{% set reasoning = '/no_think' %}{% endif -%}
+<|im_start|>system
+## Metadata
+Knowledge Cutoff Date: June 2025
+Today Date: {{ strftime_now('%d %B %Y') }}
+Reasoning Mode: {{ reasoning }}
+{{ system.replace('/no_think', '').replace('/think', '').strip() | title }}
+{%- if custom_instructions %}
+{{ custom_instructions | upper }}{% endif %}
+{%- if xml_tools %}
+{% for tool in xml_tools %}{{ tool | tojson(indent=2, sort_keys=true) }}
+{% endfor %}{{ {'names': xml_tools | map(attribute='name') | list, 'note': 'é <&> "q"'} | tojson }}{% endif %}<|im_end|>
+{% for m in messages if m.role != 'system' -%}
+<|im_start|>{{ m.role }}
+{{ m.content.split() | join(' ') }}{{ ' (' ~ loop.index ~ '/' ~ loop.length ~ ')' if loop.last }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+TOOLS = [{"name": "weather", "description": "Weather <today>", "parameters": {"city": "string"}},
+         {"name": "time", "description": "Heure locale", "parameters": {}}]
+CONVERSATIONS = [
+    [{"role": "user", "content": "hello"}],
+    [{"role": "system", "content": "Be brief. /no_think"}, {"role": "user", "content": "what  is\ta cat"},
+     {"role": "assistant", "content": "<think>\nfurry\n</think>\n\na small animal  "},
+     {"role": "user", "content": "and a dog?"}],
+    [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two", "reasoning_content": "count"},
+     {"role": "user", "content": "<tool_response>3</tool_response>"},
+     {"role": "assistant", "content": " four ", "reasoning": "add one"}],  # read as reasoning_content
+    [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}],  # refused: roles must alternate
+    [{"role": "user", "content": "one"}, {"role": "tool", "content": "two"}],  # refused: no tool role
+]
+TEMPLATE_KWARGS = [{}, {"enable_thinking": False}, {"enable_thinking": True},
+                   {"tools": TOOLS, "xml_tools": TOOLS, "custom_instructions": "be kind"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    save_tokenizer(path)
+    return path
+
+
+def both_tokenizers(path, template):
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template, "bos_token": "<unk>"}))
+    return Tokenizer.from_dir(path), T.PreTrainedTokenizerFast.from_pretrained(path)
+
+
+@pytest.mark.parametrize("template", [THINKING, ALTERNATING, LOOP_CONTROLS, DATES_AND_STRINGS],
+                         ids=["thinking", "alternating", "loop_controls", "dates_and_strings"])
+def test_chat_template_features_render_as_transformers_renders_them(tokenizer_dir, template):
+    ours, theirs = both_tokenizers(tokenizer_dir, template)
+    rendered = refused = 0
+    for conversation in CONVERSATIONS:
+        for kwargs in TEMPLATE_KWARGS:
+            for prompt in (True, False):
+                try:
+                    want = theirs.apply_chat_template(conversation, add_generation_prompt=prompt, tokenize=False,
+                                                      **kwargs)
+                except Exception as e:  # raise_exception: minidpo refuses the same conversation, same message
+                    with pytest.raises(ValueError, match="chat template rejected") as error:
+                        ours.apply_chat_template(conversation, add_generation_prompt=prompt, **kwargs)
+                    assert str(e).splitlines()[0] in str(error.value)
+                    refused += 1
+                    continue
+                assert ours.apply_chat_template(conversation, add_generation_prompt=prompt, **kwargs) == want
+                rendered += 1
+    assert rendered >= 8 and (refused > 0) == (template in (ALTERNATING, LOOP_CONTROLS))
+
+
+def test_eos_list_from_generation_config_stops_generation(tmp_path):
+    """generation_config.json names several EOS ids (Gemma, Qwen3 and Llama 3 do); the sampler stops at any,
+    where transformers' generate stops."""
+    ref, model = make(tmp_path, "qwen3")
+    prompt = random_ids(1, 5, seed=11)
+    free = generate(model, prompt, torch.ones_like(prompt), max_new_tokens=8, temperature=0)
+    tokens = free.ids[0].tolist()
+    at = next(i for i in range(1, 8) if tokens[i] not in tokens[:i])  # a token greedy reaches later, not first
+    stop = tokens[at]  # becomes the second EOS
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop]}))
+    save_tokenizer(tmp_path)
+    _, tok = minidpo.load_pretrained(str(tmp_path))
+    assert stop in tok.eos_token_ids
+    ours = generate(model, prompt, torch.ones_like(prompt), max_new_tokens=8, temperature=0,
+                    eos_token_ids=tok.eos_token_ids)
+    theirs = T.AutoModelForCausalLM.from_pretrained(tmp_path).generate(prompt, max_new_tokens=8, do_sample=False)
+    assert ours.ids[0].tolist() == theirs[0, 5:].tolist() == tokens[: at + 1] and ours.has_eos.all()
