@@ -339,7 +339,7 @@ class Transformer(nn.Module):
             sliding_mask = near & (mask if mask is not None else causal_mask(T, input_ids.device))
         x = self.embed(input_ids)
         if self.cfg.embed_scale:  # Gemma rounds sqrt(hidden_size) to the embeddings' dtype first
-            x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype).item()
+            x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype)  # 0-dim: a scalar on any device
         rope = self.rope(positions.clamp(min=0), self.inv_freq, x.dtype)
         if self.cfg.local_rope_theta is not None:
             local_rope = self.rope(positions.clamp(min=0), self.local_inv_freq, x.dtype)

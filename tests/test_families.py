@@ -21,7 +21,7 @@ import minidpo
 from minidpo import last_token_scores
 from minidpo.checkpoint import hf_state_dict
 from minidpo.packing import pack_pairs
-from minidpo.sampler import generate
+from minidpo.sampler import Sampler, generate
 from model_helpers import COMMON, build, random_ids
 from minidpo.tokenizer import Tokenizer
 from tiny_world import MODEL, WORDS, save_model, save_tokenizer
@@ -436,3 +436,19 @@ def test_eos_list_from_generation_config_stops_generation(tmp_path):
                     eos_token_ids=tok.eos_token_ids)
     theirs = T.AutoModelForCausalLM.from_pretrained(tmp_path).generate(prompt, max_new_tokens=8, do_sample=False)
     assert ours.ids[0].tolist() == theirs[0, 5:].tolist() == tokens[: at + 1] and ours.has_eos.all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3"])
+def test_cuda_graph_decode_with_windows_matches_eager(tmp_path, name):
+    """The window mask comes from tensors only (the cache's valid columns), so one captured decode
+    step serves every step, before and past the window."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    make(tmp_path, name)
+    model = minidpo.load_model(str(tmp_path), device="cuda").eval()
+    ids, mask = (t.cuda() for t in left_padded([7, 3, 5, 1], seed=12))
+    graphs, eager = Sampler(model), Sampler(model, cuda_graphs=False)
+    kwargs = dict(n=2, max_new_tokens=16, temperature=0)
+    assert torch.equal(graphs.generate(ids, mask, **kwargs).ids, eager.generate(ids, mask, **kwargs).ids)
+    assert graphs.captures == 1
