@@ -83,7 +83,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         attn_scale=hf["query_pre_attn_scalar"] ** -0.5 if hf.get("query_pre_attn_scalar") else None,
         attn_softcap=softcap[0], final_softcap=softcap[1] if not arch.endswith("Classification") else None,
         sliding_window=sliding_window(hf, family), layer_types=layer_types(hf, family, rope_layers),
-        local_rope_theta=local_rope.get("rope_theta", hf.get("rope_local_base_freq", 1e4)) if family == "gemma3" else None,
+        local_rope_theta=(local_rope.get("rope_theta", hf.get("rope_local_base_freq", 1e4))
+                          if family == "gemma3" else None),
         rope_layers=rope_layers, **SWITCHES.get(family, {}),
     )
     if neox:
@@ -273,7 +274,8 @@ def resolve(name_or_path: str) -> Path:
 
 def as_classifier(hf: dict, num_labels: int) -> dict:
     """The config of a *ForSequenceClassification model with the same body as a *ForCausalLM one."""
-    arch = hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification").replace("Gemma3For", "Gemma3TextFor")
+    arch = hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")
+    arch = arch.replace("Gemma3For", "Gemma3TextFor")  # Gemma3ForSequenceClassification wants the vision config
     eos = hf.get("eos_token_id")
     labels = {str(i): f"LABEL_{i}" for i in range(num_labels)}
     return {**hf, "architectures": [arch], "num_labels": num_labels, "id2label": labels,

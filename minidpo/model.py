@@ -206,8 +206,8 @@ class Attention(nn.Module):
                 # Spelled out: soft-capping has no fused kernel, and for a CPU decode step (one query
                 # per row) the fused kernel's setup costs about twice the arithmetic.
                 scores = (q @ k.transpose(-1, -2)).mul_(self.scale)
-                if self.softcap:
-                    scores = torch.tanh(scores / self.softcap) * self.softcap  # not in place: tanh's backward reads its output
+                if self.softcap:  # not in place: tanh's backward reads its output
+                    scores = torch.tanh(scores / self.softcap) * self.softcap
                 scores = scores.masked_fill_(~mask, -math.inf).softmax(-1, dtype=torch.float32)
                 y = scores.to(q.dtype) @ v
             else:

@@ -97,11 +97,12 @@ def test_logits_match_transformers(tmp_path, name, head):
 
 
 # Each switch must matter at these sizes: off, the logits move well past the tolerance.
-SWITCH_OFF = [("mistral", "sliding_window", None), ("qwen2_window", "sliding_window", None), ("qwen3_window", "sliding_window", None),
+SWITCH_OFF = [("mistral", "sliding_window", None), ("qwen2_window", "sliding_window", None),
+              ("qwen3_window", "sliding_window", None),
               ("gemma2", "attn_softcap", None), ("gemma2", "final_softcap", None), ("gemma2", "attn_scale", None),
               ("gemma3", "local_rope_theta", 1e6), ("gemma3", "qk_norm", None), ("gemma3", "embed_scale", False),
               ("olmo2", "norm_layout", "pre"), ("phi3", "rotary_dim", 16), ("smollm3", "rope_layers", None),
-              ("qwen3", "qk_norm", None)]
+              ("qwen3", "qk_norm", None), ("gemma2", "norm_offset", 0.0)]
 
 
 @pytest.mark.parametrize("name,field,value", SWITCH_OFF)
