@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOSS_TYPES = ("sigmoid", "ipo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
 OBJECTIVES = ("online_dpo", "reward")
@@ -62,7 +62,13 @@ class Config:
     use_vllm: bool = flag(GENERATION, False, "not supported: minidpo generates in-process")
 
     beta: list[float] = flag(OPTIM, [0.1], "KL weight (IPO's tau); a list gives one per epoch, the last one kept")
-    loss_type: str = flag(OPTIM, "sigmoid", f"one of {', '.join(LOSS_TYPES)}")
+    loss_type: str = flag(OPTIM, "sigmoid", f"one of {', '.join(LOSS_TYPES)} (the README's table of losses)")
+    label_smoothing: float = flag(OPTIM, 0.0, "sigmoid/simpo: probability that a label is flipped "
+                                  "(conservative DPO), in [0, 0.5)")
+    simpo_gamma: float = flag(OPTIM, 0.5, "simpo: target reward margin gamma")
+    rpo_alpha: float | None = flag(OPTIM, None, "add alpha x the chosen completion's per-token NLL to the loss")
+    num_generations: int = flag(OPTIM, 2, "minidpo: completions per prompt; the best and the worst by score "
+                                "form the pair (a pairwise judge needs 2)")
     learning_rate: float = flag(OPTIM, 5e-7, "AdamW learning rate")
     weight_decay: float = flag(OPTIM, 0.0, "AdamW weight decay")
     adam_beta1: float = flag(OPTIM, 0.9, "AdamW beta1")
@@ -127,6 +133,11 @@ class Config:
         need(len(self.beta) > 0 and min(self.beta) > 0, f"--beta must be > 0, got {self.beta}")
         need(self.loss_type in LOSS_TYPES,
              f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        need(0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        need(self.rpo_alpha is None or self.rpo_alpha >= 0, f"--rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        need(self.num_generations >= 2, f"--num_generations must be >= 2, got {self.num_generations}")
+        need(not (self.judge and self.num_generations != 2), "--num_generations: a pairwise judge compares "
+             f"exactly 2 completions, got {self.num_generations}; use --reward_model_path or --reward_funcs")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_total_limit"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{name} must be >= 1, got {value}")

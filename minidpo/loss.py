@@ -10,26 +10,36 @@ valid pairs all-reduce into the right global mean (tracking.Metrics divides at t
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type="sigmoid",
-             valid=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, count): the online DPO loss summed over the valid pairs, and their number, from
-    per-sequence log-prob sums [B]. The loss is their quotient; the trainer divides only once it
-    knows the count over all micro-batches and ranks.
+             valid=None, label_smoothing: float = 0.0, simpo_gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count): a preference loss summed over the valid pairs, and their number. The loss is
+    their quotient; the trainer divides only once it knows the count over all micro-batches and ranks.
 
+    Inputs are per-sequence log-probs [B]: sums over each completion's tokens, except for simpo,
+    which takes their means over the tokens and no reference (ref_chosen, ref_rejected None).
+    With h = (log pi(c) - log pi(r)) - (log pi_ref(c) - log pi_ref(r)) and eps = label_smoothing:
+      sigmoid  (DPO; with eps > 0 conservative DPO)  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+      ipo      (h - 1 / (2 beta))^2
+      hinge    (SLiC)                                max(0, 1 - beta h)
+      simpo    as sigmoid, with h = mean log pi(c) - mean log pi(r) - gamma / beta: -log sigma(beta D - gamma)
     valid [B] (bool) drops pairs the judge left undecided; with no valid pair the sum is a zero
     that still backpropagates (zero gradients), so every rank runs the same backward.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
-    # logits = (log pi(c) - log pi(r)) - (log pi_ref(c) - log pi_ref(r))
-    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * logits)  # DPO: -log sigma(beta * logits)
+    if loss_type == "simpo":  # reference-free and length-normalised; gamma is a margin on beta * h
+        logits = policy_chosen - policy_rejected - simpo_gamma / beta
     else:
-        losses = (logits - 1 / (2 * beta)) ** 2  # IPO: (logits - 1 / (2 beta))^2
+        logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:  # sigmoid, simpo
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
     if valid is None:
         valid = torch.ones_like(losses, dtype=torch.bool)
     return torch.where(valid, losses, 0.0).sum(), valid.sum().to(losses.dtype)
@@ -46,50 +56,54 @@ def online_dpo_metrics(logps, ref_logps, contain_eos, beta: float, valid=None, s
     """The reference's logged metrics as {name: (sum, count)} of 0-dim tensors.
 
     Pair layout, as the trainer's Rollout: row b is prompt b, column 0 its chosen completion,
-    column 1 the rejected one. logps, ref_logps [B, 2]: each completion's log-prob summed over its
-    tokens, under the policy and the reference (no grad needed); contain_eos [B, 2] (bool);
-    valid [B] (bool); scores [B, 2]: reward scores (missing-EOS penalty included), when there are.
-    objective/* and val/* average over all 2B completions; rewards/* and logps/* over valid pairs.
+    column 1 the rejected one, further columns (contain_eos and scores only) its other samples.
+    logps, ref_logps [B, 2]: each completion's log-prob summed over its tokens, under the policy and
+    the reference (no grad needed; ref_logps None without a reference: SimPO); contain_eos [B, n]
+    (bool); valid [B] (bool); scores [B, n]: reward scores (missing-EOS penalty included), if any.
+    objective/* and val/* average over completions (scores and EOS over all n samples, the others
+    over the two scored); rewards/* and logps/* over valid pairs. Without a reference the metrics
+    that need one (KL, non-score and RLHF reward, implicit rewards) are left out, not logged as 0.
     """
-    seq_logps, ref_seq_logps = logps.detach().float(), ref_logps.detach().float()
-    B = len(seq_logps)
-    valid = torch.ones(B, dtype=torch.bool, device=seq_logps.device) if valid is None else valid
+    seq_logps = logps.detach().float()
+    B, device = len(seq_logps), seq_logps.device
+    valid = torch.ones(B, dtype=torch.bool, device=device) if valid is None else valid
     n_valid = valid.sum().float()
 
-    def over_sequences(x):  # x [B, 2]
-        return x.sum(), torch.tensor(float(x.numel()), device=x.device)
+    def over_sequences(x):  # x [B, n]
+        return x.sum(), torch.tensor(float(x.numel()), device=device)
 
     def over_pairs(x):  # x [B]
         return torch.where(valid, x, 0.0).sum(), n_valid
 
-    # Unlike TRL, the sums run over completion tokens only: TRL's KL and entropy also add up the
-    # log-probs at padding positions after EOS.
-    kl = seq_logps - ref_seq_logps  # sum_t log pi - log pi_ref, the k1 estimate of KL
-    # TRL's sign, not its docs': non_score_reward = -beta * KL, so rlhf_reward = scores + non_score_reward.
-    non_score_reward = -beta * kl
-    # reward of the implicit reward model: beta * (log pi(y) - log pi_ref(y))
-    rewards = beta * kl
-    chosen, rejected = rewards[:, 0], rewards[:, 1]
-
     metrics = {
-        "objective/kl": over_sequences(kl),
         "objective/entropy": over_sequences(-seq_logps),  # -sum log pi of the sampled tokens
-        "objective/non_score_reward": over_sequences(non_score_reward),
-    }
-    if scores is not None:
-        scores = scores.detach().float()
-        metrics["objective/rlhf_reward"] = over_sequences(scores + non_score_reward)
-        metrics["objective/scores"] = over_sequences(scores)
-        metrics["objective/scores_margin"] = over_pairs(scores[:, 0] - scores[:, 1])
-    metrics |= {
-        "rewards/chosen": over_pairs(chosen),
-        "rewards/rejected": over_pairs(rejected),
-        "rewards/margins": over_pairs(chosen - rejected),
-        "rewards/accuracies": over_pairs((chosen > rejected).float()),
         "logps/chosen": over_pairs(seq_logps[:, 0]),
         "logps/rejected": over_pairs(seq_logps[:, 1]),
         "val/contain_eos_token": over_sequences(contain_eos.float()),
         # float64, so that the log reads beta 0.1 and not fp32's 0.10000000149011612
-        "beta": (torch.tensor(beta, dtype=torch.float64, device=logps.device), torch.tensor(1.0, device=logps.device)),
+        "beta": (torch.tensor(beta, dtype=torch.float64, device=device), torch.tensor(1.0, device=device)),
     }
+    if scores is not None:
+        scores = scores.detach().float()
+        metrics["objective/scores"] = over_sequences(scores)
+        metrics["objective/scores_margin"] = over_pairs(scores[:, 0] - scores[:, 1])
+    if ref_logps is None:
+        return metrics
+    # Unlike TRL, the sums run over completion tokens only: TRL's KL and entropy also add up the
+    # log-probs at padding positions after EOS.
+    kl = seq_logps - ref_logps.detach().float()  # sum_t log pi - log pi_ref, the k1 estimate of KL
+    # TRL's sign, not its docs': non_score_reward = -beta * KL, so rlhf_reward = scores + non_score_reward.
+    non_score_reward = -beta * kl
+    # the implicit reward model's reward: beta * (log pi(y) - log pi_ref(y))
+    chosen, rejected = beta * kl[:, 0], beta * kl[:, 1]
+    metrics |= {
+        "objective/kl": over_sequences(kl),
+        "objective/non_score_reward": over_sequences(non_score_reward),
+        "rewards/chosen": over_pairs(chosen),
+        "rewards/rejected": over_pairs(rejected),
+        "rewards/margins": over_pairs(chosen - rejected),
+        "rewards/accuracies": over_pairs((chosen > rejected).float()),
+    }
+    if scores is not None:
+        metrics["objective/rlhf_reward"] = over_sequences(scores[:, :2] + non_score_reward)
     return metrics

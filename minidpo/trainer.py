@@ -65,15 +65,15 @@ def lr_lambda(kind: str, warmup: int, total: int):
 @dataclass
 class Rollout:
     """One micro-batch of B prompts after sampling and judging: the one row layout the learning
-    phase reads. Row b is prompt b; along the second axis its completions, the chosen (0) then
-    the rejected (1)."""
+    phase reads. Row b is prompt b; along the second axis its completions, the chosen (0), the
+    rejected (1), then (with --num_generations n > 2, in has_eos and scores only) the others."""
 
     prompt_ids: torch.Tensor  # [B, P] left-padded
     prompt_mask: torch.Tensor  # [B, P] 1 on real tokens
     completion_ids: torch.Tensor  # [B, 2, C] right-padded after each completion's EOS
     completion_mask: torch.Tensor  # [B, 2, C] 1 on completion tokens, the EOS included
-    has_eos: torch.Tensor  # [B, 2] bool: the completion ended with EOS within max_new_tokens
-    scores: torch.Tensor | None  # [B, 2] reward scores (missing-EOS penalty included); None with a judge
+    has_eos: torch.Tensor  # [B, n] bool, every sample: the completion ended with EOS within max_new_tokens
+    scores: torch.Tensor | None  # [B, n] reward scores (missing-EOS penalty included); None with a judge
     decided: torch.Tensor  # [B] bool: pairs a judge left undecided (False) count in no loss
     beta: float  # this epoch's beta
 
@@ -117,16 +117,19 @@ class Trainer:
         cfg, device = self.cfg, self.dist.device
         self.policy = load_model(str(model_dir), device=device)
         # The frozen reference pi_ref, in the policy's dtype and under the same autocast, so that the
-        # two agree exactly (KL 0) before the first step.
-        self.reference = load_model(str(model_dir), device=device).requires_grad_(False)
+        # two agree exactly (KL 0) before the first step. SimPO has none.
+        self.reference = None
+        if cfg.loss_type != "simpo":
+            self.reference = load_model(str(model_dir), device=device).requires_grad_(False)
         # With several processes both are sharded (FSDP2) before the optimizer sees the policy's
         # parameters; the reference has no gradients and no optimizer state, only its shards.
         shard(self.policy, self.dist, cfg.bf16)
-        shard(self.reference, self.dist, cfg.bf16, frozen=True)
+        if self.reference is not None:
+            shard(self.reference, self.dist, cfg.bf16, frozen=True)
         self.sampler = Sampler(self.policy, cuda_graphs=cfg.cuda_graphs, dtype=torch.bfloat16 if cfg.bf16 else None)
         if device.type == "cuda":  # size the cache for the longest sequence now: growing it recaptures graphs
             with gathered(self.policy):
-                self.sampler.reserve(2 * cfg.per_device_train_batch_size, cfg.max_length)
+                self.sampler.reserve(cfg.num_generations * cfg.per_device_train_batch_size, cfg.max_length)
         # Each rank samples from its own seeded generator, saved in checkpoints so a resumed run
         # draws the same completions as an uninterrupted one.
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1000 * self.dist.rank)
@@ -202,15 +205,18 @@ class Trainer:
         # Prompts keep their last max_length - max_new_tokens tokens, so each completion is scored
         # on exactly the context it was sampled from (the reference cuts only when scoring).
         prompt_ids, prompt_mask = tok.encode_rows(prompts, max_length=cfg.max_length - cfg.max_new_tokens)
+        n = cfg.num_generations
         out = self.sampler.generate(
-            prompt_ids, prompt_mask, n=2, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            prompt_ids, prompt_mask, n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id, generator=self.generator)
-        completions = tok.batch_decode(out.ids.tolist())  # rows 2b and 2b+1 answer prompt b
-        chosen, rejected, decided, scores = self.preference(prompts, completions, out.has_eos)
-        # Prompt-major rows [2B, ...] -> [B, 2, ...], each prompt's chosen completion first.
-        device = out.ids.device
-        rows = (2 * torch.arange(len(prompts))[:, None] + torch.stack([chosen, rejected], 1)).to(device)
-        rollout = Rollout(prompt_ids.to(device), prompt_mask.to(device), out.ids[rows], out.mask[rows],
+        completions = tok.batch_decode(out.ids.tolist())  # rows b*n .. b*n+n-1 answer prompt b
+        chosen, rejected, decided, scores = self.preference(prompts, completions, out.has_eos, n)
+        # Prompt-major rows [B*n, ...] -> [B, n, ...], each prompt's chosen completion first, then the
+        # rejected one, then the others (kept only for the metrics that average over all samples).
+        B, device = len(prompts), out.ids.device
+        key = torch.arange(n).repeat(B, 1).scatter_(1, chosen[:, None], -2).scatter_(1, rejected[:, None], -1)
+        rows = (n * torch.arange(B)[:, None] + key.argsort(1)).to(device)
+        rollout = Rollout(prompt_ids.to(device), prompt_mask.to(device), out.ids[rows[:, :2]], out.mask[rows[:, :2]],
                           out.has_eos[rows], None if scores is None else scores.to(device)[rows], decided.to(device),
                           beta)
         if cfg.log_completions_steps and (self.step + 1) % cfg.log_completions_steps == 0:
@@ -229,13 +235,22 @@ class Trainer:
                       logits_to_keep=packed.predicting, targets=packed.targets)  # log-probs, never the full logits
         with self.autocast:
             # The reference first: its passing tensors are freed before the policy's activations pile up.
-            with torch.no_grad():
-                ref_logps = self.reference(**inputs)
+            ref_seq = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_seq = (self.reference(**inputs).view(B, 2, C) * mask).sum(-1)
             logps = self.policy(**inputs)
         # [B, 2C] token log-probs (chosen | rejected) -> [B, 2] sums over each completion's tokens
-        seq, ref_seq = (logps.view(B, 2, C) * mask).sum(-1), (ref_logps.view(B, 2, C) * mask).sum(-1)
-        loss_sum, _ = dpo_loss(seq[:, 0], seq[:, 1], ref_seq[:, 0], ref_seq[:, 1], rollout.beta, cfg.loss_type,
-                               rollout.decided)
+        seq = (logps.view(B, 2, C) * mask).sum(-1)
+        mean = seq / mask.sum(-1).clamp(min=1)  # per-token means, for SimPO and the NLL term
+        if cfg.loss_type == "simpo":
+            loss_sum, _ = dpo_loss(mean[:, 0], mean[:, 1], None, None, rollout.beta, "simpo", rollout.decided,
+                                   cfg.label_smoothing, cfg.simpo_gamma)
+        else:
+            loss_sum, _ = dpo_loss(seq[:, 0], seq[:, 1], ref_seq[:, 0], ref_seq[:, 1], rollout.beta, cfg.loss_type,
+                                   rollout.decided, cfg.label_smoothing)
+        if cfg.rpo_alpha:  # RPO: alpha x the chosen completion's NLL per token (Pang et al. 2024)
+            loss_sum = loss_sum + cfg.rpo_alpha * torch.where(rollout.decided, -mean[:, 0], 0.0).sum()
         self.stop_unless_finite("loss", loss_sum)
         (loss_sum / pairs).backward()
 
@@ -243,7 +258,7 @@ class Trainer:
         metrics = online_dpo_metrics(seq, ref_seq, rollout.has_eos, rollout.beta, rollout.decided, rollout.scores)
         metrics["loss"] = (loss_sum.detach(), rollout.decided.sum().float())
         metrics["judge/undecided"] = ((~rollout.decided).float().sum(), one * B)
-        metrics["completions/tokens"] = (mask.sum().float(), one)
+        metrics["completions/tokens"] = (mask.sum().float(), one)  # of the two scored completions
         return metrics
 
     def update(self) -> torch.Tensor:

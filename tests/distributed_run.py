@@ -3,8 +3,8 @@ WORLD OUT` (or plain `python` for one process). WORLD is a JSON file of the tiny
 datasets' paths; results go to OUT as files that the test reads.
 
 equivalence: one optimizer step on fixed completions (no sampling), recording the all-reduced
-  loss, the full gradients and the updated weights; again with --gradient_checkpointing; and
-  one real step under --bf16.
+  loss, the full gradients and the updated weights; again with --gradient_checkpointing and with
+  --num_generations 4; and one real step under --bf16.
 runs: a 4-step run saving checkpoint-2, a run resumed from it, and the reference's Pythia 1B
   command through train.main, with each rank's unreduced metric window kept for the test.
 """
@@ -67,8 +67,10 @@ def one_step(world, out, tag, batch, accumulation, *extra):
 def equivalence(world, out):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # the same 8 prompts in one batch of one process
         one_step(world, out, "single", 8, 1)
+        one_step(world, out, "single_best_of_4", 8, 1, "--num_generations", 4)
         return
     one_step(world, out, "plain", 2, 2)
+    one_step(world, out, "best_of_4", 2, 2, "--num_generations", 4)
     one_step(world, out, "checkpointed", 2, 2, "--gradient_checkpointing")
     # A real rollout under --bf16: the gathered weights are bf16 and so must the KV cache be.
     trainer = Trainer(parse_args(flags(world, out / "bf16", "--per_device_train_batch_size", 2, "--max_steps", 1,

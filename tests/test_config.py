@@ -151,7 +151,7 @@ def test_unsupported_messages_point_somewhere():
     (["--judge", "j", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
     (["--judge", "j", "--beta", "0"], "--beta must be > 0"),
     (["--judge", "j", "--beta", "0.1", "-1"], "--beta must be > 0"),
-    (["--judge", "j", "--loss_type", "hinge"], "--loss_type must be one of sigmoid, ipo"),
+    (["--judge", "j", "--loss_type", "kto"], "--loss_type must be one of sigmoid, ipo, hinge, simpo"),
     (["--judge", "j", "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
     (["--judge", "j", "--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
     (["--judge", "j", "--save_total_limit", "0"], "--save_total_limit must be >= 1"),

@@ -85,6 +85,14 @@ def test_two_ranks_take_the_step_of_one_process_with_twice_the_batch(equivalence
                         atol=1e-5)
 
 
+def test_best_of_4_pairs_on_two_ranks_take_the_step_of_one_process(equivalence):
+    single, sharded = (json.loads((equivalence / f"{t}.json").read_text()) for t in ("single_best_of_4", "best_of_4"))
+    assert sharded["loss"] == pytest.approx(single["loss"], abs=1e-5)
+    assert sharded["grad_norm"] == pytest.approx(single["grad_norm"], abs=1e-5) and single["grad_norm"] > 0
+    assert_same_tensors(load_file(equivalence / "best_of_4.safetensors"),
+                        load_file(equivalence / "single_best_of_4.safetensors"), atol=1e-5)
+
+
 def test_gradient_checkpointing_under_fsdp_changes_nothing(equivalence):
     plain, checkpointed = (json.loads((equivalence / f"{t}.json").read_text()) for t in ("plain", "checkpointed"))
     assert checkpointed == pytest.approx(plain, abs=1e-6)

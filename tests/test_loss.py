@@ -68,8 +68,8 @@ def test_no_valid_pair_gives_zero_loss_with_zero_grad(loss_type):
 
 
 def test_unknown_loss_type():
-    with pytest.raises(ValueError, match="sigmoid, ipo.*'hinge'"):
-        dpo_loss(*pairs(), 0.1, "hinge")
+    with pytest.raises(ValueError, match="sigmoid, ipo, hinge, simpo.*'kto'"):
+        dpo_loss(*pairs(), 0.1, "kto")
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -173,3 +173,94 @@ def test_metrics_reduce_across_ranks():
     # a mean of per-rank means would be wrong here: rank 0 has 2 valid pairs, rank 1 has 1
     naive = sum(metric_means(r)["logps/chosen"] for r in per_rank) / 2
     assert naive != pytest.approx(whole["logps/chosen"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond TRL's online losses: hinge (SLiC), label smoothing (conservative DPO), SimPO, the RPO term.
+
+
+@pytest.mark.parametrize("loss_type, smoothing, per_pair", [
+    # logits h: pair 0 -> 1.5, pair 1 -> -2 (above); beta 0.5
+    ("hinge", 0.0, [max(0, 1 - 0.5 * 1.5), max(0, 1 - 0.5 * -2.0)]),
+    ("sigmoid", 0.2, [-0.8 * math.log(sigmoid(0.75)) - 0.2 * math.log(sigmoid(-0.75)),
+                      -0.8 * math.log(sigmoid(-1.0)) - 0.2 * math.log(sigmoid(1.0))]),
+])
+def test_reference_losses_hand_values(loss_type, smoothing, per_pair):
+    loss, count = dpo_loss(*pairs(), 0.5, loss_type, label_smoothing=smoothing)
+    assert (loss.item(), count.item()) == pytest.approx((sum(per_pair), 2))
+
+
+def test_simpo_hand_values():
+    # means: chosen [-1, -4], rejected [-2, -1]; beta 2, gamma 0.5: beta*(c - r) - gamma = [1.5, -6.5]
+    chosen, rejected = torch.tensor([-1.0, -4.0]), torch.tensor([-2.0, -1.0])
+    loss, count = dpo_loss(chosen, rejected, None, None, 2.0, "simpo", simpo_gamma=0.5)
+    assert loss.item() == pytest.approx(-math.log(sigmoid(1.5)) - math.log(sigmoid(-6.5)))
+    smoothed, _ = dpo_loss(chosen, rejected, None, None, 2.0, "simpo", label_smoothing=0.1, simpo_gamma=0.5)
+    assert smoothed.item() == pytest.approx(sum(-0.9 * math.log(sigmoid(x)) - 0.1 * math.log(sigmoid(-x))
+                                                for x in (1.5, -6.5)))
+
+
+@pytest.mark.parametrize("loss_type, smoothing", [("hinge", 0.0), ("sigmoid", 0.2), ("simpo", 0.1)])
+def test_new_losses_gradcheck(loss_type, smoothing):
+    pc, pr, rc, rr = pairs(requires_grad=True)
+    refs = (None, None) if loss_type == "simpo" else (rc.detach(), rr.detach())
+    valid = torch.tensor([True, False])
+    for v in (None, valid):
+        assert torch.autograd.gradcheck(
+            lambda c, r: dpo_loss(c, r, *refs, 0.3, loss_type, v, smoothing, 0.4)[0], (pc, pr))
+
+
+def trl_loss(loss_types, loss_weights, beta, token_logps, completion_mask, ref_chosen, ref_rejected,
+             label_smoothing=0.0):
+    """TRL 1.16 DPOTrainer's own loss code (_compute_loss) on given token log-probs [2B, T]: a stand-in
+    model returns them, the reference's sums are passed as precomputed, and the trainer's state is the
+    little the loss code reads."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    rows, T = token_logps.shape
+    outputs = SimpleNamespace(log_probs=token_logps, entropy=torch.zeros(rows, T), mean_logits=torch.zeros(rows, T),
+                              is_top1=torch.zeros(rows, T, dtype=torch.bool))
+    model = SimpleNamespace(training=True)
+    identity = SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
+    trainer = SimpleNamespace(
+        model=model, accelerator=identity, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=loss_weights, beta=beta,
+        label_smoothing=label_smoothing, use_weighting=False, _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1)
+    # Completion tokens sit at columns 1.. of the inputs: the shifted mask [2B, T] is the given one.
+    mask = torch.cat([torch.zeros(rows, 1, dtype=torch.long), completion_mask], 1)
+    inputs = {"input_ids": torch.zeros(rows, T + 1, dtype=torch.long), "attention_mask": torch.ones(rows, T + 1),
+              "completion_mask": mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    return DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, False)
+
+
+def test_hinge_smoothing_and_rpo_equal_trls_loss_code():
+    torch.manual_seed(0)
+    B, C, beta = 3, 5, 0.3
+    mask = torch.ones(2 * B, C, dtype=torch.long)
+    mask[B:, 3:] = 0  # rejected completions shorter; the chosen ones all of length C (see the NLL note)
+    token_logps = -torch.rand(2 * B, C) * 3 * mask
+    ref = (-torch.rand(2 * B, C) * 3 * mask).sum(1)
+    seq = token_logps.sum(1)
+    ours = lambda loss_type, smoothing=0.0: dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta, loss_type,
+                                                     label_smoothing=smoothing)[0] / B
+    theirs = lambda types, weights, smoothing=0.0: trl_loss(types, weights, beta, token_logps, mask, ref[:B], ref[B:],
+                                                            smoothing)
+    assert ours("hinge").item() == pytest.approx(theirs(["hinge"], [1.0]).item(), rel=1e-6)
+    assert ours("sigmoid").item() == pytest.approx(theirs(["sigmoid"], [1.0]).item(), rel=1e-6)
+    # TRL 1.16's sigmoid has no label smoothing; its "aot" loss applies it to sorted log-ratio
+    # differences, which for one pair are the DPO logits themselves.
+    one = lambda x: x[[0, B]]
+    for smoothing in (0.1, 0.3):
+        mine = dpo_loss(seq[:1], seq[B:B + 1], ref[:1], ref[B:B + 1], beta, "sigmoid", label_smoothing=smoothing)[0]
+        assert mine.item() == pytest.approx(trl_loss(["aot"], [1.0], beta, one(token_logps), one(mask), ref[:1],
+                                                     ref[B:B + 1], smoothing).item(), rel=1e-6)
+    # rpo_alpha is TRL 1.16's "sft" term weighted by alpha: the chosen tokens' mean NLL over the batch.
+    # minidpo normalises per completion, as the RPO paper does; equal when the chosen lengths are equal.
+    alpha = 0.7
+    nll = (-seq[:B] / mask[:B].sum(1)).mean()
+    assert (ours("sigmoid") + alpha * nll).item() == pytest.approx(
+        theirs(["sigmoid", "sft"], [1.0, alpha]).item(), rel=1e-6)

@@ -215,8 +215,8 @@ class PlainPromptsOnly:
     def __init__(self, preference, decided: list):
         self.preference, self.decided = preference, decided
 
-    def __call__(self, prompts, completions, has_eos):
-        chosen, rejected, _, scores = self.preference(prompts, completions, has_eos)
+    def __call__(self, prompts, completions, has_eos, n):
+        chosen, rejected, _, scores = self.preference(prompts, completions, has_eos, n)
         valid = torch.tensor([isinstance(p, str) for p in prompts])
         self.decided.append(int(valid.sum()))
         return chosen, rejected, valid, scores
@@ -235,10 +235,10 @@ def first_gradient(argv, decided=None) -> tuple[list[torch.Tensor], dict]:
     return grads, {k: (s / c).item() for k, (s, c) in step_metrics.items()} | {"grad_norm": grad_norm.item()}
 
 
-@pytest.mark.parametrize("undecided", [False, True])
-def test_gradient_accumulation_equals_the_full_batch(world, tmp_path, undecided):
+@pytest.mark.parametrize("undecided, samples", [(False, 2), (True, 2), (False, 4)])
+def test_gradient_accumulation_equals_the_full_batch(world, tmp_path, undecided, samples):
     decided = [] if undecided else None  # the judge leaves the conversational prompts' pairs undecided
-    common = base(world, tmp_path / "out", *RULE, "--max_steps", 1, "--max_grad_norm", 0)
+    common = base(world, tmp_path / "out", *RULE, "--max_steps", 1, "--max_grad_norm", 0, "--num_generations", samples)
     accumulated, m_acc = first_gradient(common + ["--per_device_train_batch_size", 2,
                                                   "--gradient_accumulation_steps", 2], decided)
     full, m_full = first_gradient(common + ["--per_device_train_batch_size", 4], decided)
@@ -248,6 +248,34 @@ def test_gradient_accumulation_equals_the_full_batch(world, tmp_path, undecided)
     assert m_acc["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-5) and m_full["grad_norm"] > 0
     for a, b in zip(accumulated, full, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_best_of_4_pairs_the_highest_and_lowest_scores(world, tmp_path):
+    t = Trainer(parse_args([str(a) for a in base(world, tmp_path / "out", *RULE, "--num_generations", 4,
+                                                 "--per_device_train_batch_size", 6, "--max_steps", 1)]))
+    prompts = next(t.micro_batches())[1]
+    rollout = t.rollout(prompts, 0.1)
+    # brevity: minus the text's length / 100, and -1 without EOS: recompute every sample's score.
+    texts = t.tokenizer.batch_decode(rollout.completion_ids.flatten(0, 1).tolist())
+    assert rollout.scores.shape == rollout.has_eos.shape == (6, 4)
+    for b in range(6):
+        chosen, rejected = texts[2 * b], texts[2 * b + 1]
+        want = lambda text, eos: -len(text) / 100 - (0.0 if eos else 1.0)  # noqa: E731
+        assert rollout.scores[b, 0].item() == pytest.approx(want(chosen, rollout.has_eos[b, 0]))
+        assert rollout.scores[b, 1].item() == pytest.approx(want(rejected, rollout.has_eos[b, 1]))
+        assert rollout.scores[b, 0] == rollout.scores[b].max() and rollout.scores[b, 1] == rollout.scores[b].min()
+        assert bool(rollout.decided[b]) == bool(rollout.scores[b].max() > rollout.scores[b].min())
+
+
+def test_simpo_builds_and_runs_no_reference_and_logs_no_kl(world, tmp_path):
+    out = tmp_path / "out"
+    argv = base(world, out, *RULE, "--loss_type", "simpo", "--rpo_alpha", 0.5, "--max_steps", 2,
+                "--per_device_train_batch_size", 4)
+    assert Trainer(parse_args([str(a) for a in argv])).reference is None
+    assert run(argv) == 0
+    for row in metrics(out):
+        assert not {"objective/kl", "objective/non_score_reward", "objective/rlhf_reward", "rewards/margins"} & row.keys()
+        assert {"loss", "logps/chosen", "objective/scores", "objective/entropy"} <= row.keys()
 
 
 # ---------------------------------------------------------------------------------------------
