@@ -218,20 +218,38 @@ def test_saved_model_loads_in_transformers_with_equal_logits(tmp_path, name):
         assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
 
 
-def test_gemma3_vision_language_checkpoint_loads_its_language_model(tmp_path):
+@pytest.mark.parametrize("head", ["causal", "classifier"])
+def test_gemma3_vision_language_checkpoint_loads_its_language_model(tmp_path, head):
     text = FAMILIES["gemma3"][0]()
     vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
                                   image_size=28, patch_size=14)
-    config = T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
-    ref, model = build(tmp_path / "vl", config, T.Gemma3ForConditionalGeneration)
+    config = T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                            num_labels=2)
+    cls = T.Gemma3ForConditionalGeneration if head == "causal" else T.Gemma3ForSequenceClassification
+    ref, model = build(tmp_path / "vl", config, cls)
     ids = random_ids(2, 16)
     with torch.no_grad():
-        close(model(ids), ref(input_ids=ids).logits)
+        theirs = ref(input_ids=ids).logits
+        close(model(ids) if head == "causal" else model(ids)[:, -1], theirs)
     minidpo.save_pretrained(model, tmp_path / "out")
-    saved = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(saved).__name__ == "Gemma3ForCausalLM"
+    auto = T.AutoModelForCausalLM if head == "causal" else T.AutoModelForSequenceClassification
+    saved = auto.from_pretrained(tmp_path / "out").eval()
+    assert type(saved).__name__ == ("Gemma3ForCausalLM" if head == "causal" else "Gemma3TextForSequenceClassification")
     with torch.no_grad():
-        close(model(ids), saved(input_ids=ids).logits)
+        close(saved(input_ids=ids).logits, theirs)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "phi3", "olmo2"])
+def test_a_causal_lm_becomes_a_reward_model_transformers_loads(tmp_path, name):
+    """--objective reward starts from a causal LM with a new score head and saves the family's
+    *ForSequenceClassification (Gemma 3: the text-only one)."""
+    make(tmp_path / "lm", name)
+    model = minidpo.load_model(str(tmp_path / "lm"), num_labels=1).eval()
+    minidpo.save_pretrained(model, tmp_path / "rm")
+    theirs = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        close(model(ids)[:, -1], theirs(input_ids=ids).logits)
 
 
 def test_mixture_of_experts_is_refused_by_name(tmp_path):
