@@ -319,7 +319,7 @@ Tools:{% for tool in tools %}
 {{ reasoning }}
 </think>
 
-{% endif %}{{ content.rstrip() }}<|im_end|>
+{% endif %}{% generation %}{% set content = content.rstrip() %}{{ content }}<|im_end|>{% endgeneration %}
 {% else %}<|im_start|>{{ m.role }}
 {{ m.content }}<|im_end|>
 {% endif -%}
