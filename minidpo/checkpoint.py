@@ -21,11 +21,10 @@ from .tokenizer import Tokenizer
 # (reward) head; Gemma 3's language model also loads from a Gemma3ForConditionalGeneration
 # checkpoint (its vision tower is skipped) and is saved back as Gemma3ForCausalLM.
 FAMILY_PREFIXES = {"Llama": "llama", "Qwen2": "qwen2", "GPTNeoX": "gpt_neox", "Qwen3": "qwen3", "Mistral": "mistral",
-                   "Gemma2": "gemma2", "Gemma3": "gemma3", "Gemma3Text": "gemma3", "Phi3": "phi3", "Olmo2": "olmo2",
-                   "SmolLM3": "smollm3"}
+                   "Gemma2": "gemma2", "Gemma3": "gemma3", "Phi3": "phi3", "Olmo2": "olmo2", "SmolLM3": "smollm3"}
 FAMILIES = {f"{prefix}For{head}": family for prefix, family in FAMILY_PREFIXES.items()
             for head in ("CausalLM", "SequenceClassification")}
-FAMILIES["Gemma3ForConditionalGeneration"] = "gemma3"
+FAMILIES |= {"Gemma3ForConditionalGeneration": "gemma3", "Gemma3TextForSequenceClassification": "gemma3"}
 GEMMA = dict(norm_layout="sandwich", norm_offset=1.0, norm_weight_fp32=True, embed_scale=True)
 # What a family switches on beyond Llama's layout (the rest is read from config.json).
 SWITCHES = {"qwen3": dict(qk_norm="head"), "gemma2": GEMMA, "gemma3": dict(GEMMA, qk_norm="head"),
@@ -47,10 +46,9 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     arch = (hf.get("architectures") or ["?"])[0]
     family = FAMILIES.get(arch)
     if family is None:
-        moe = "moe" in arch.lower() or "mixtral" in arch.lower()
-        raise ValueError(f"unsupported architecture {arch!r}{' (mixture of experts)' if moe else ''}; supported: "
-                         f"{', '.join(sorted(set(FAMILY_PREFIXES) - {'Gemma3Text'}))} (ForCausalLM and "
-                         "ForSequenceClassification); mixture-of-experts models are not supported")
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(FAMILY_PREFIXES)} (ForCausalLM "
+                         "and ForSequenceClassification); mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE) "
+                         "are not supported")
     heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     rope = hf.get("rope_parameters") or {}
