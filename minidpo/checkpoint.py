@@ -28,7 +28,7 @@ FAMILIES |= {"Gemma3ForConditionalGeneration": "gemma3", "Gemma3TextForSequenceC
 GEMMA = dict(norm_layout="sandwich", norm_offset=1.0, norm_weight_fp32=True, embed_scale=True)
 # What a family switches on beyond Llama's layout (the rest is read from config.json).
 SWITCHES = {"qwen3": dict(qk_norm="head"), "gemma2": GEMMA, "gemma3": dict(GEMMA, qk_norm="head"),
-            "olmo2": dict(norm_layout="post", norm_weight_fp32=True, qk_norm="proj")}
+            "olmo2": dict(norm_layout="post", norm_weight_fp32=True, qk_norm="proj", rope_fp32=True)}
 # Gemma3TextConfig's defaults: a Gemma3ForConditionalGeneration config.json from the Hub leaves them out.
 GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                             num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,

@@ -71,6 +71,7 @@ class ModelConfig:
     layer_types: list | None = None  # per layer "sliding_attention" or "full_attention"; None: all full
     local_rope_theta: float | None = None  # Gemma 3: the rotary base of sliding layers (no rescaling)
     rope_layers: list | None = None  # SmolLM3: 0 for a layer that applies no rotary; None: all do
+    rope_fp32: bool = False  # OLMo 2: rotate in fp32 even with bf16 weights
     hf_config: dict | None = field(default=None, repr=False)  # the config.json it came from; saved back
     generation_config: dict | None = field(default=None, repr=False)  # its generation_config.json, if any; saved back
 
@@ -118,7 +119,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotary_dim = cos.shape[-1]
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     x1, x2 = rot.chunk(2, dim=-1)
-    rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    rotated = (rot * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)  # fp32 cos/sin: rotated in fp32
     return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
 
@@ -191,7 +192,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if kv is not None:
-            kv[0].index_copy_(2, slots, k.to(kv[0].dtype))  # under autocast k is fp32 (see Transformer.rope)
+            kv[0].index_copy_(2, slots, k.to(kv[0].dtype))  # under autocast a q/k norm may leave k in fp32
             kv[1].index_copy_(2, slots, v)
             k, v = kv
         if mask is None:
@@ -340,9 +341,10 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         if self.cfg.embed_scale:  # Gemma rounds sqrt(hidden_size) to the embeddings' dtype first
             x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype)  # 0-dim: a scalar on any device
-        rope = self.rope(positions.clamp(min=0), self.inv_freq, x.dtype)
+        rope_dtype = torch.float32 if self.cfg.rope_fp32 else x.dtype
+        rope = self.rope(positions.clamp(min=0), self.inv_freq, rope_dtype)
         if self.cfg.local_rope_theta is not None:
-            local_rope = self.rope(positions.clamp(min=0), self.local_inv_freq, x.dtype)
+            local_rope = self.rope(positions.clamp(min=0), self.local_inv_freq, rope_dtype)
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             cos, sin = local_rope if self.cfg.local_rope_theta is not None and self.cfg.is_local(i) else rope
@@ -368,8 +370,8 @@ class Transformer(nn.Module):
     @staticmethod
     def rope(positions, inv_freq, dtype):
         """cos and sin [B, 1, T, rotary_dim] for integer positions [B, T], computed in fp32 and given
-        the residual stream's dtype, as transformers does: under bf16 autocast with fp32 weights the
-        rotation of the bf16 queries and keys is then done in fp32."""
+        `dtype` (the residual stream's), as transformers does: under bf16 autocast with fp32 weights
+        the bf16 queries and keys are then rotated in fp32 (and cast back: attention reads bf16)."""
         freqs = positions[..., None].float() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
