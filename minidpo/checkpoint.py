@@ -17,14 +17,23 @@ from .model import ModelConfig, Transformer, rope_inv_freq
 from .common import error_line, read_json, replace_dir, temp_dir_beside
 from .tokenizer import Tokenizer
 
-FAMILIES = {
-    "LlamaForCausalLM": "llama",
-    "LlamaForSequenceClassification": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen2ForSequenceClassification": "qwen2",
-    "GPTNeoXForCausalLM": "gpt_neox",
-    "GPTNeoXForSequenceClassification": "gpt_neox",
-}
+# Architecture name prefix -> family. Each family has a causal LM and a sequence-classification
+# (reward) head; Gemma 3's language model also loads from a Gemma3ForConditionalGeneration
+# checkpoint (its vision tower is skipped) and is saved back as Gemma3ForCausalLM.
+FAMILY_PREFIXES = {"Llama": "llama", "Qwen2": "qwen2", "GPTNeoX": "gpt_neox", "Qwen3": "qwen3", "Mistral": "mistral",
+                   "Gemma2": "gemma2", "Gemma3": "gemma3", "Phi3": "phi3", "Olmo2": "olmo2", "SmolLM3": "smollm3"}
+FAMILIES = {f"{prefix}For{head}": family for prefix, family in FAMILY_PREFIXES.items()
+            for head in ("CausalLM", "SequenceClassification")}
+FAMILIES |= {"Gemma3ForConditionalGeneration": "gemma3", "Gemma3TextForSequenceClassification": "gemma3"}
+GEMMA = dict(norm_layout="sandwich", norm_offset=1.0, norm_weight_fp32=True, embed_scale=True)
+# What a family switches on beyond Llama's layout (the rest is read from config.json).
+SWITCHES = {"qwen3": dict(qk_norm="head"), "gemma2": GEMMA, "gemma3": dict(GEMMA, qk_norm="head"),
+            "olmo2": dict(norm_layout="post", norm_weight_fp32=True, qk_norm="proj", rope_fp32=True)}
+# Gemma3TextConfig's defaults: a Gemma3ForConditionalGeneration config.json from the Hub leaves them out.
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
+                            rope_theta=1e6, rope_local_base_freq=1e4, tie_word_embeddings=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a Hub download fetches: weights, configs and tokenizer files, never pickles.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*"]
@@ -32,35 +41,49 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*"]
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a config.json in either spelling: transformers 4 (rope_theta, rope_scaling,
-    rotary_pct) or transformers 5 (rope_parameters, partial_rotary_factor)."""
+    rotary_pct, rope_local_base_freq) or transformers 5 (rope_parameters, per layer type for Gemma 3,
+    partial_rotary_factor)."""
     arch = (hf.get("architectures") or ["?"])[0]
     family = FAMILIES.get(arch)
     if family is None:
-        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(FAMILIES)}")
-    if hf.get("use_sliding_window"):
-        raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
-    heads = hf["num_attention_heads"]
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(FAMILY_PREFIXES)} (ForCausalLM "
+                         "and ForSequenceClassification); mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE) "
+                         "are not supported")
+    heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     rope = hf.get("rope_parameters") or {}
+    local_rope = rope.get("sliding_attention") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3 in transformers 5: one set per layer type
     scaling = hf.get("rope_scaling") or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     neox = family == "gpt_neox"  # its transformers-4 names and defaults: rotary_emb_base, rotary_pct 0.25
     partial = rope.get("partial_rotary_factor",
                        hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25 if neox else 1.0)))
+    rope_layers = None
+    if family == "smollm3":  # 0: no rotary in that layer; by default every no_rope_layer_interval-th
+        every = hf.get("no_rope_layer_interval", 4)
+        rope_layers = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(layers)]
+    softcap = hf.get("attn_logit_softcapping"), hf.get("final_logit_softcapping")
     common = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
         rotary_dim=int(head_dim * partial),
         rope_scaling={**scaling, "rope_type": rope_type} if rope_type != "default" else None,
-        activation=hf.get("hidden_act", "gelu" if neox else "silu"),
+        activation=hf.get("hidden_activation") or hf.get("hidden_act", "gelu" if neox else "silu"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         num_labels=num_labels(hf) if arch.endswith("ForSequenceClassification") else 0,
+        attn_scale=hf["query_pre_attn_scalar"] ** -0.5 if hf.get("query_pre_attn_scalar") else None,
+        attn_softcap=softcap[0], final_softcap=softcap[1] if not arch.endswith("Classification") else None,
+        sliding_window=sliding_window(hf, family), layer_types=layer_types(hf, family, rope_layers),
+        local_rope_theta=(local_rope.get("rope_theta", hf.get("rope_local_base_freq", 1e4))
+                          if family == "gemma3" else None),
+        rope_layers=rope_layers, **SWITCHES.get(family, {}),
     )
     if neox:
         bias = hf.get("attention_bias", True)
@@ -71,8 +94,42 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     bias = hf.get("attention_bias", family == "qwen2")
     return ModelConfig(
         **common, norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=bias,
-        out_bias=bias and family == "llama", mlp_bias=hf.get("mlp_bias", False),
+        out_bias=bias and family != "qwen2", mlp_bias=hf.get("mlp_bias", False),
     )
+
+
+def sliding_window(hf: dict, family: str) -> int | None:
+    # Qwen2, Qwen3 and SmolLM3 keep a sliding_window value that applies only with use_sliding_window.
+    if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window"):
+        return None
+    return hf.get("sliding_window")
+
+
+def layer_types(hf: dict, family: str, rope_layers) -> list[str] | None:
+    """Which layers are local ("sliding_attention"), as transformers decides it: config.json's
+    layer_types, or (a transformers-4 config) the family's rule. Mistral and Phi-3 window every layer."""
+    n = hf["num_hidden_layers"]
+    if family in ("mistral", "phi3"):
+        return ["sliding_attention"] * n
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    rules = {"gemma2": lambda i: (i + 1) % 2, "gemma3": lambda i: (i + 1) % hf.get("sliding_window_pattern", 6),
+             "qwen2": lambda i: i >= hf.get("max_window_layers", 28), "smollm3": lambda i: not rope_layers[i]}
+    rules["qwen3"] = rules["qwen2"]
+    local = rules.get(family)
+    return None if local is None else ["sliding_attention" if local(i) else "full_attention" for i in range(n)]
+
+
+def language_model_config(hf: dict) -> dict:
+    """A Gemma 3 vision-language config.json -> its language model's, as a Gemma3ForCausalLM (or, for
+    a reward model, Gemma3TextForSequenceClassification) config; any other config as it is."""
+    if "text_config" not in hf:
+        return hf
+    arch = hf["architectures"][0]
+    head = "Gemma3TextForSequenceClassification" if arch.endswith("Classification") else "Gemma3ForCausalLM"
+    kept = {k: hf[k] for k in ("num_labels", "id2label", "label2id", "pad_token_id", "eos_token_id",
+                               "tie_word_embeddings") if k in hf}
+    return {**GEMMA3_TEXT_DEFAULTS, **hf["text_config"], **kept, "architectures": [head], "model_type": "gemma3_text"}
 
 
 def num_labels(hf: dict) -> int:
@@ -114,18 +171,44 @@ def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
         add("norm", [base + "norm"], False)
         if not classifier and not cfg.tie_word_embeddings:
             add("lm_head", ["lm_head"], False)
+        projections = {**PROJECTIONS, **FUSED_PROJECTIONS.get(family, {})}
         for i in range(cfg.num_layers):
             src, dst = f"{base}layers.{i}.", f"layers.{i}."
-            attn = src + "self_attn."
-            add(dst + "attn_norm", [src + "input_layernorm"], False)
-            add(dst + "attn.qkv", [attn + "q_proj", attn + "k_proj", attn + "v_proj"], cfg.qkv_bias)
-            add(dst + "attn.out", [attn + "o_proj"], cfg.out_bias)
-            add(dst + "mlp_norm", [src + "post_attention_layernorm"], False)
-            add(dst + "mlp.up", [src + "mlp.gate_proj", src + "mlp.up_proj"], cfg.mlp_bias)
+            for ours, theirs in NORMS[cfg.norm_layout].items():
+                add(dst + ours, [src + theirs], False)
+            if cfg.qk_norm:
+                add(dst + "attn.q_norm", [src + "self_attn.q_norm"], False)
+                add(dst + "attn.k_norm", [src + "self_attn.k_norm"], False)
+            add(dst + "attn.qkv", [src + t for t in projections["qkv"]], cfg.qkv_bias)
+            add(dst + "attn.out", [src + "self_attn.o_proj"], cfg.out_bias)
+            add(dst + "mlp.up", [src + t for t in projections["up"]], cfg.mlp_bias)
             add(dst + "mlp.down", [src + "mlp.down_proj"], cfg.mlp_bias)
     if classifier:
         add("score", ["score"], False)
     return plan
+
+
+# Block norms, ours -> HF's, for each ModelConfig.norm_layout.
+NORMS = {
+    "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "sandwich": {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
+    "post": {"attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
+}
+# The HF tensors our fused q/k/v and gate/up are made of; Phi-3 stores them fused already.
+PROJECTIONS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+               "up": ["mlp.gate_proj", "mlp.up_proj"]}
+FUSED_PROJECTIONS = {"phi3": {"qkv": ["self_attn.qkv_proj"], "up": ["mlp.gate_up_proj"]}}
+
+
+def stored_name(name: str, stored) -> str:
+    """An HF tensor name as the files hold it: as it is, or where a Gemma 3 vision-language checkpoint
+    keeps its language model (transformers 4 and 5 save "language_model.model.*", the class itself
+    holds "model.language_model.*")."""
+    for candidate in (name, "language_model." + name, name.replace("model.", "model.language_model.", 1)):
+        if candidate in stored:
+            return candidate
+    return name
 
 
 def is_neox_qkv(hf: dict, name: str) -> bool:
@@ -190,6 +273,7 @@ def resolve(name_or_path: str) -> Path:
 def as_classifier(hf: dict, num_labels: int) -> dict:
     """The config of a *ForSequenceClassification model with the same body as a *ForCausalLM one."""
     arch = hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")
+    arch = arch.replace("Gemma3For", "Gemma3TextFor")  # Gemma3ForSequenceClassification wants the vision config
     eos = hf.get("eos_token_id")
     labels = {str(i): f"LABEL_{i}" for i in range(num_labels)}
     return {**hf, "architectures": [arch], "num_labels": num_labels, "id2label": labels,
@@ -255,7 +339,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     num_labels turns a causal LM into a reward model: the same body and a new `score` head
     (initialised as transformers does, normal with std 0.02), for Bradley-Terry training."""
     path = resolve(name_or_path)
-    hf = read_json(path / "config.json")
+    hf = language_model_config(read_json(path / "config.json"))
     new_head = num_labels is not None and (hf.get("architectures") or [""])[0].endswith("ForCausalLM")
     if new_head:
         hf = as_classifier(hf, num_labels)
@@ -281,6 +365,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
         del plan["score.weight"]
         state["score.weight"] = torch.randn(expected["score.weight"].shape, dtype=dtype, device=device) * 0.02
     for ours, theirs in plan.items():
+        theirs = [stored_name(t, where) for t in theirs]
         missing = [t for t in theirs if t not in where]
         if missing:
             raise ValueError(f"{path}: tensor {missing[0]} is missing from the safetensors files")
@@ -303,6 +388,8 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
         state[ours] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(cfg).to(device=device)  # a buffer, not in the files: still on meta
+    if cfg.local_rope_theta is not None:
+        model.local_inv_freq = rope_inv_freq(cfg, local=True).to(device=device)
     model.cfg.hf_config = hf
     generation = path / "generation_config.json"  # sampling defaults (temperature, top_p, ...) kept on save
     model.cfg.generation_config = read_json(generation) if generation.is_file() else None

@@ -1,13 +1,16 @@
 """The decoder-only transformer behind every model minidpo loads.
 
-One module covers the Hugging Face families Llama (SmolLM2, TinyLlama, Llama 3), Qwen2 and GPT-NeoX
-(Pythia); their differences are the switches in ModelConfig. checkpoint.py maps each family's
-config.json and tensor names onto this module.
+One module covers the Hugging Face families Llama (SmolLM2, TinyLlama, Llama 3), Qwen2, Qwen3,
+Mistral, Gemma 2 and 3, Phi-3, OLMo 2, SmolLM3 and GPT-NeoX (Pythia); their differences are the
+switches in ModelConfig. checkpoint.py maps each family's config.json and tensor names onto this module.
 
 Two choices run through the file:
 - A token's rotary position is the number of real (unmasked) tokens before it. Left-padded prompts
   therefore get the same positions as unpadded ones, and every row of a batch computes what it
   would compute alone.
+- A sliding window is measured in those positions too: a query at position p sees keys at
+  positions p - window + 1 .. p. Left padding, the KV cache's columns and packed rows whose
+  positions restart (packing.py) all see the window a row alone would.
 - q/k/v are one matmul and so are the SwiGLU gate and up projections: fewer, larger kernels for
   the sampler's small decode steps. checkpoint.py fuses and splits them at the file boundary.
 """
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .cpu import linear
-from .logprobs import token_logprobs
+from .logprobs import softcap, token_logprobs
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -53,6 +56,22 @@ class ModelConfig:
     parallel_residual: bool = False  # GPT-NeoX: attention and MLP both read the block's input
     tie_word_embeddings: bool = False
     num_labels: int = 0  # > 0: a sequence-classification (reward) model with a `score` head
+    # The later families' switches (transformers' modeling files give the formulas):
+    norm_layout: str = "pre"  # "pre": norm, sublayer, add; "sandwich" (Gemma): norms before and after the
+    # sublayer; "post" (OLMo 2): sublayer, norm, add
+    norm_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + weight)
+    norm_weight_fp32: bool = False  # Gemma, OLMo 2: scale the fp32 normalised x, then cast (Llama casts first)
+    qk_norm: str | None = None  # RMSNorm of queries and keys before rotary: "head" over each head (Qwen3,
+    # Gemma 3), "proj" over the whole projection (OLMo 2)
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size), rounded to their dtype
+    attn_scale: float | None = None  # None: head_dim^-0.5; Gemma: query_pre_attn_scalar^-0.5
+    attn_softcap: float | None = None  # Gemma 2: attention scores s -> cap * tanh(s / cap)
+    final_softcap: float | None = None  # Gemma 2: the same on the output logits
+    sliding_window: int | None = None  # a sliding layer's query sees the keys < window positions behind it
+    layer_types: list | None = None  # per layer "sliding_attention" or "full_attention"; None: all full
+    local_rope_theta: float | None = None  # Gemma 3: the rotary base of sliding layers (no rescaling)
+    rope_layers: list | None = None  # SmolLM3: 0 for a layer that applies no rotary; None: all do
+    rope_fp32: bool = False  # OLMo 2: rotate in fp32 even with bf16 weights
     hf_config: dict | None = field(default=None, repr=False)  # the config.json it came from; saved back
     generation_config: dict | None = field(default=None, repr=False)  # its generation_config.json, if any; saved back
 
@@ -63,11 +82,20 @@ class ModelConfig:
             raise ValueError(f"unsupported activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary frequencies theta^(-2i/d) for i < d/2, with the linear or Llama 3 rescaling."""
+    def is_local(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and self.is_local(layer)
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/d) for i < d/2, with the linear or Llama 3 rescaling; `local`:
+    Gemma 3's sliding layers, theta = local_rope_theta and no rescaling."""
     dim = cfg.rotary_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    scaling = cfg.rope_scaling or {}
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    scaling = {} if local else cfg.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -89,10 +117,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the first rotary_dim features of x [B, H, T, head_dim] in "half" layout:
     pairs are (i, i + d/2), not adjacent features (the HF checkpoints are stored that way)."""
     rotary_dim = cos.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x may be bf16 while the weights are fp32
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     x1, x2 = rot.chunk(2, dim=-1)
-    rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    rotated = (rot * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)  # fp32 cos/sin: rotated in fp32
     return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
 
@@ -114,60 +141,78 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * (offset + weight); Gemma stores weight - 1 (offset 1)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, weight_fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset, self.weight_fp32 = eps, offset, weight_fp32
 
     def forward(self, x):
         # Normalise in fp32: squares of bf16 activations lose too much precision.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_fp32:
+            return ((self.offset + self.weight.float()) * x32).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     if cfg.layer_norm:
         return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return RMSNorm(dim or cfg.hidden_size, cfg.norm_eps, cfg.norm_offset, cfg.norm_weight_fp32)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale, self.softcap, self.qk_norm = cfg.attn_scale or cfg.head_dim**-0.5, cfg.attn_softcap, cfg.qk_norm
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv = Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.out = Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
+        if cfg.qk_norm:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = make_norm(cfg, cfg.head_dim if per_head else q_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim if per_head else kv_dim)
 
     def forward(self, x, cos, sin, mask, kv=None, slots=None):
-        """x [B, T, hidden]; mask [B, 1, T, S] bool or None for plain causal; kv: this layer's
-        (keys, values) cache buffers [B, kv_heads, S, head_dim], written at columns `slots`."""
+        """x [B, T, hidden]; cos/sin None for a layer without rotary; mask [B, 1, T, S] bool or None
+        for plain causal; kv: this layer's (keys, values) cache buffers [B, kv_heads, S, head_dim],
+        written at columns `slots`."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if kv is not None:
-            kv[0].index_copy_(2, slots, k)
+            kv[0].index_copy_(2, slots, k.to(kv[0].dtype))  # under autocast a q/k norm may leave k in fp32
             kv[1].index_copy_(2, slots, v)
             k, v = kv
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
-        elif T == 1 and x.device.type == "cpu":
-            # A CPU decode step: at one query per row the fused kernel's setup costs about twice the
-            # arithmetic, so spell it out. q [B, Hkv, group, D] against keys [B, Hkv, S, D].
-            q = q.reshape(B, Hkv, H // Hkv, D)
-            scores = (q @ k.transpose(-1, -2)).mul_(D**-0.5).masked_fill_(~mask, -math.inf)
-            y = scores.softmax(-1) @ v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv, scale=self.scale)
         else:
             # With a mask, fused kernels reject enable_gqa and fall back to the slow math path.
             # Fold each KV group's query heads into the query axis instead ([B, Hkv, group*T, D]);
             # the mask rows repeat per group. Keys and values are never copied.
             group = H // Hkv
-            q = q.reshape(B, Hkv, group * T, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1))
+            q, mask = q.reshape(B, Hkv, group * T, D), mask.repeat(1, 1, group, 1)
+            if self.softcap or (T == 1 and x.device.type == "cpu"):
+                # Spelled out: soft-capping has no fused kernel, and for a CPU decode step (one query
+                # per row) the fused kernel's setup costs about twice the arithmetic.
+                scores = (q @ k.transpose(-1, -2)).mul_(self.scale)
+                if self.softcap:  # not in place: tanh's backward reads its output
+                    scores = torch.tanh(scores / self.softcap) * self.softcap
+                scores = scores.masked_fill_(~mask, -math.inf).softmax(-1, dtype=torch.float32)
+                y = scores.to(q.dtype) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.out(y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -196,15 +241,22 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
-        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
-        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        pre, post = cfg.norm_layout in ("pre", "sandwich"), cfg.norm_layout in ("post", "sandwich")
+        self.attn_norm, self.attn = make_norm(cfg) if pre else None, Attention(cfg)
+        self.mlp_norm, self.mlp = make_norm(cfg) if pre else None, MLP(cfg)
+        self.attn_post_norm = make_norm(cfg) if post else None
+        self.mlp_post_norm = make_norm(cfg) if post else None
 
     def forward(self, x, cos, sin, mask, kv=None, slots=None):
-        attn = self.attn(recompute_in_backward(self.attn_norm, x), cos, sin, mask, kv, slots)
+        attn = self.attn(normed(self.attn_norm, x), cos, sin, mask, kv, slots)
         if self.parallel_residual:
-            return x + attn + self.mlp(recompute_in_backward(self.mlp_norm, x))
-        x = x + attn
-        return x + self.mlp(recompute_in_backward(self.mlp_norm, x))
+            return x + attn + self.mlp(normed(self.mlp_norm, x))
+        x = x + normed(self.attn_post_norm, attn)
+        return x + normed(self.mlp_post_norm, self.mlp(normed(self.mlp_norm, x)))
+
+
+def normed(norm, x):
+    return x if norm is None else recompute_in_backward(norm, x)
 
 
 class KVCache:
@@ -248,6 +300,8 @@ class Transformer(nn.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Not in checkpoints: a model built on the meta device gets real values from the loader.
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.local_rope_theta is not None:
+            self.register_buffer("local_inv_freq", rope_inv_freq(cfg, local=True), persistent=False)
         # Recompute each block's activations in backward instead of keeping them (--gradient_checkpointing).
         self.gradient_checkpointing = False
 
@@ -266,27 +320,41 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         if block_mask is not None:
-            mask = block_mask[:, None]
+            mask, key_positions = block_mask[:, None], positions
         elif cache is not None:
             new_valid = attention_mask.bool() if attention_mask is not None else True
             cache.valid[:, slots] = new_valid
-            positions = cache.valid.cumsum(-1).index_select(1, slots) - 1
+            key_positions = cache.valid.cumsum(-1) - 1
+            positions = key_positions.index_select(1, slots)
             mask = self.attention_mask(cache.valid, slots)
         elif attention_mask is not None:
-            positions = attention_mask.long().cumsum(-1) - 1
+            positions = key_positions = attention_mask.long().cumsum(-1) - 1
             mask = self.attention_mask(attention_mask.bool(), torch.arange(T, device=input_ids.device))
         else:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-            mask = None
-        cos, sin = self.rope(positions.clamp(min=0))
-
+            positions = key_positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            mask = None  # SDPA's plain causal attention, unless soft-capping (spelled out) needs a mask
+            if self.cfg.attn_softcap:
+                mask = causal_mask(T, input_ids.device)
+        if self.cfg.sliding_window is not None:
+            near = positions[:, None, :, None] - key_positions[:, None, None, :] < self.cfg.sliding_window
+            sliding_mask = near & (mask if mask is not None else causal_mask(T, input_ids.device))
         x = self.embed(input_ids)
+        if self.cfg.embed_scale:  # Gemma rounds sqrt(hidden_size) to the embeddings' dtype first
+            x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype)  # 0-dim: a scalar on any device
+        rope_dtype = torch.float32 if self.cfg.rope_fp32 else x.dtype
+        rope = self.rope(positions.clamp(min=0), self.inv_freq, rope_dtype)
+        if self.cfg.local_rope_theta is not None:
+            local_rope = self.rope(positions.clamp(min=0), self.local_inv_freq, rope_dtype)
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            cos, sin = local_rope if self.cfg.local_rope_theta is not None and self.cfg.is_local(i) else rope
+            if self.cfg.rope_layers is not None and not self.cfg.rope_layers[i]:
+                cos = sin = None
+            layer_mask = sliding_mask if self.cfg.is_sliding(i) else mask
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, kv, slots, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, layer_mask, kv, slots, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv, slots)
+                x = layer(x, cos, sin, layer_mask, kv, slots)
         if isinstance(logits_to_keep, torch.Tensor):
             x = x[:, logits_to_keep]
         elif logits_to_keep:
@@ -295,14 +363,18 @@ class Transformer(nn.Module):
         if self.cfg.num_labels:
             return self.score(x)
         weight = self.embed.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return linear(x, weight) if targets is None else token_logprobs(x, weight, targets)
+        if targets is not None:
+            return token_logprobs(x, weight, targets, cap=self.cfg.final_softcap)
+        return softcap(linear(x, weight), self.cfg.final_softcap)
 
-    def rope(self, positions):
-        """cos and sin [B, 1, T, rotary_dim] in fp32 for integer positions [B, T]; apply_rope casts
-        them to the activations' dtype."""
-        freqs = positions[..., None].float() * self.inv_freq
+    @staticmethod
+    def rope(positions, inv_freq, dtype):
+        """cos and sin [B, 1, T, rotary_dim] for integer positions [B, T], computed in fp32 and given
+        `dtype` (the residual stream's), as transformers does: under bf16 autocast with fp32 weights
+        the bf16 queries and keys are then rotated in fp32 (and cast back: attention reads bf16)."""
+        freqs = positions[..., None].float() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return angles.cos(), angles.sin()
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     @staticmethod
     def attention_mask(key_valid, query_slots):
@@ -313,6 +385,10 @@ class Transformer(nn.Module):
         causal = key_slots[None, :] <= query_slots[:, None]
         itself = key_slots[None, :] == query_slots[:, None]
         return (key_valid[:, None, None, :] & causal) | itself
+
+
+def causal_mask(T: int, device) -> torch.Tensor:
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, T, T]
 
 
 def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,23 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %}: transformers marks the assistant's text with it (for
+    its assistant-token masks); the text renders as it is, in a scope of its own as there."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     # The same environment settings as transformers; with other whitespace rules the prompts would differ.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -192,6 +205,12 @@ class Tokenizer:
         # transformers drops None-valued keys (e.g. content=None from OpenAI-style messages): templates test
         # for a missing key and would otherwise print "None".
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        # A message's reasoning goes under every name templates read it by (Qwen3: reasoning_content), as in
+        # transformers: the first of these present fills "reasoning_content" and, if absent, "thinking".
+        for i, m in enumerate(messages):
+            reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+            if reasoning is not None:
+                messages[i] = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         # As transformers continues the final message: mark where its text ends, render, cut there.
         tag = "CONTINUE_FINAL_MESSAGE_TAG "
         if continue_final_message:

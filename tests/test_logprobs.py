@@ -9,12 +9,16 @@ import torch.nn.functional as F
 from minidpo.logprobs import token_logprobs
 
 
-def full_logits_reference(hidden, weight, targets):
-    return F.log_softmax(F.linear(hidden, weight).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+def full_logits_reference(hidden, weight, targets, cap=None):
+    logits = F.linear(hidden, weight)
+    if cap:  # Gemma 2's soft-cap, as transformers writes it
+        logits = torch.tanh(logits / cap) * cap
+    return F.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
 
 
+@pytest.mark.parametrize("cap", [None, 2.0])  # logits of std ~3: a cap of 2 bends most of them
 @pytest.mark.parametrize("rows_per_chunk", [1, 4, 15])  # 15 rows: 15 chunks, 4 + 4 + 4 + 3, one chunk
-def test_token_logprobs_match_log_softmax_of_the_logits(rows_per_chunk):
+def test_token_logprobs_match_log_softmax_of_the_logits(rows_per_chunk, cap):
     torch.manual_seed(0)
     B, K, H, V = 3, 5, 8, 11
     hidden = torch.randn(B, K, H, requires_grad=True)
@@ -22,11 +26,13 @@ def test_token_logprobs_match_log_softmax_of_the_logits(rows_per_chunk):
     targets = torch.randint(V, (B, K))
     upstream = torch.randn(B, K)
 
-    got = token_logprobs(hidden, weight, targets, chunk_bytes=rows_per_chunk * V * 4)
+    got = token_logprobs(hidden, weight, targets, chunk_bytes=rows_per_chunk * V * 4, cap=cap)
     (got * upstream).sum().backward()
     got_grads = hidden.grad, weight.grad
     hidden.grad = weight.grad = None
-    want = full_logits_reference(hidden, weight, targets)
+    want = full_logits_reference(hidden, weight, targets, cap)
+    if cap:  # the cap changes the answer: a test of the cap, not of the plain path again
+        assert (want - full_logits_reference(hidden, weight, targets)).abs().max() > 0.5
     (want * upstream).sum().backward()
 
     assert got.shape == (B, K) and got.dtype == torch.float32

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from minidpo.packing import pack_pairs
-from test_model import CAUSAL, TOL, build, hf_positions, random_ids
+from model_helpers import CAUSAL, TOL, build, hf_positions, random_ids
 
 
 def test_layout_by_hand():
