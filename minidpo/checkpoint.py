@@ -290,9 +290,9 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'} has no {e.args[0]!r}") from None
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
-    readers = []
+    readers, files = [], safetensors_files(path)
     try:
-        for f in safetensors_files(path):
+        for f in files:
             readers.append(SafetensorsFile(f))
     except Exception as e:
         raise ValueError(f"{f} is not a readable safetensors file ({error_line(e)})") from None
