@@ -359,15 +359,20 @@ class OpenAIJudge(PairwiseJudge):
         connection = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(
             url.netloc, timeout=self.timeout)
 
+        sockets = []  # the connection's, kept: http.client lets go of it once the reply has begun
+
         def shut():
-            try:
-                connection.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read: it ends at once
-            except (AttributeError, OSError):  # not connected yet, or closed already
-                pass
+            for sock in sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read: it ends at once
+                except OSError:  # closed already
+                    pass
 
         watchdog, start = threading.Timer(self.timeout, shut), time.monotonic()
         watchdog.start()
         try:
+            connection.connect()  # itself bounded by the socket's timeout
+            sockets.append(connection.sock)
             connection.request("POST", url.path, body, headers)
             response = connection.getresponse()
             return response.status, response.reason, response.read()

@@ -175,7 +175,10 @@ class Checkpoints:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", DCP_ONE_PROCESS)
-                dcp.load(both, storage_reader=SafeReader(path / "state"), planner=SafePlanner())
+                reader = SafeReader(path / "state")
+                # Read once before DCP does: DCP would log a failure with its traceback and retry elsewhere.
+                reader.read_metadata()
+                dcp.load(both, storage_reader=reader, planner=SafePlanner())
             rng = load_file(path / f"rng-rank{self.dist.rank}.safetensors")
         except (Exception, dcp.CheckpointException) as e:
             raise ValueError(f"--resume_from_checkpoint: {path} is unreadable ({error_line(dcp_error(e))})") from None
