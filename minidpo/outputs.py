@@ -163,9 +163,10 @@ class Checkpoints:
                              "(its trainer_state.json lacks step, world_size or scheduler)")
         where = f"--resume_from_checkpoint: {path / 'trainer_state.json'}"
         check_keys(state, TRAINER_STATE_KEYS, where)
-        ours = scheduler.state_dict()  # the saved one must have its keys, with values of the same types
+        ours = scheduler.state_dict()  # the saved one must have its keys, with values (and items) of the same types
+        kinds = lambda v: [type(v), *map(type, v)] if isinstance(v, list) else [type(v)]  # noqa: E731
         for key, value in state["scheduler"].items():
-            if key not in ours or [type(v) for v in listed(value)] != [type(v) for v in listed(ours[key])]:
+            if key not in ours or kinds(value) != kinds(ours[key]):
                 raise ValueError(f"{where}: scheduler has {key!r} = {json.dumps(value)[:60]}, not a value of ours")
         if state["world_size"] != self.dist.world_size:
             raise ValueError(f"--resume_from_checkpoint: {path} was written by {state['world_size']} process(es); "
@@ -188,11 +189,6 @@ class Checkpoints:
         if generator is not None and "generator" in rng:
             generator.set_state(rng["generator"])
         return state["step"]
-
-
-def listed(value) -> list:
-    """A value and, if it is a list, its items: what to compare the types of."""
-    return [value, *value] if isinstance(value, list) else [value]
 
 
 def save_final(output_dir: Path, model, tokenizer, card: str, dist: Dist):
