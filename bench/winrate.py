@@ -16,11 +16,13 @@ import json
 import math
 import sys
 from importlib import resources
+from pathlib import Path
 
 import torch
 
 from minidpo import load_pretrained
-from minidpo.data import load_prompts
+from minidpo.common import error_line, print_error
+from minidpo.data import _text, load_prompts, read_rows
 from minidpo.judges import RewardModel, RewardModelJudge, make_judge
 from minidpo.sampler import Sampler
 
@@ -72,12 +74,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def read_references(path: str) -> tuple[list, list[str]]:
+    """(prompts, completions) of a reference file; a bad line gets one error naming it."""
+    prompts, completions = [], []
+    for where, row in read_rows(Path(path)):
+        if not isinstance(row.get("completion"), str):
+            raise ValueError(f"{where}: no string 'completion' column")
+        prompts.append(_text(row, "prompt", where))
+        completions.append(row["completion"])
+    return prompts, completions
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
+        print_error(error_line(e))
+        return 1
+
+
+def evaluate(args) -> int:
     if args.reference_file:
-        with open(args.reference_file) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        prompts, baseline = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+        prompts, baseline = read_references(args.reference_file)
     else:
         prompts = [row["prompt"] for row in load_prompts(args.prompts)]
     prompts = prompts[:args.num_prompts]

@@ -33,7 +33,8 @@ class Chat:
         token; both turns join the history."""
         conversation = self.history + [{"role": "user", "content": message}]
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        self.history = conversation  # only once the template has taken it
+        self.sampler.reserve(1, len(ids) + self.max_new_tokens)  # refuses what exceeds the model's positions
+        self.history = conversation  # only once the template and the sampler have taken it
         new, shown = [], ""
         for token in self.sampler.stream(torch.tensor([ids]), self.max_new_tokens, self.temperature, self.top_k,
                                          self.top_p, eos_token_ids=self.tokenizer.eos_token_ids,
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     chat = Chat(model.eval(), tokenizer, args.system, args.temperature, args.top_p, args.top_k,
                 args.max_new_tokens, args.seed)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the model as U+FFFD, not a traceback
+        sys.stdin.reconfigure(errors="replace")
     print("Type a message; /clear starts over, /exit quits.", file=sys.stderr)
     while True:
         try:
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
         elif line:
             try:
                 chat.reply(line)
-            except ValueError as e:  # the chat template refused the conversation; it stays as it was
+            except ValueError as e:  # the template or the sampler refused the conversation; it stays as it was
                 print_error(error_line(e))
 
 

@@ -7,6 +7,7 @@ directions. Weights are read from safetensors only: nothing is ever unpickled.
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer, rope_inv_freq
-from .common import error_line, read_json, replace_dir, temp_dir_beside
-from .tokenizer import Tokenizer
+from .common import (COUNT, FLAG, NUMBER, OBJECT, SIZE, TEXT, TOKEN_IDS, check_keys, error_line, read_json,
+                     replace_dir, temp_dir_beside)
+from .tokenizer import Tokenizer, read_generation_config
 
 # Architecture name prefix -> family. Each family has a causal LM and a sequence-classification
 # (reward) head; Gemma 3's language model also loads from a Gemma3ForConditionalGeneration
@@ -37,6 +39,18 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_si
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a Hub download fetches: weights, configs and tokenizer files, never pickles.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*"]
+# The config.json keys minidpo reads, and what each must be.
+CONFIG_KEYS = {
+    "architectures": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v)),
+    **dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "num_labels"], SIZE),
+    **dict.fromkeys(["rope_theta", "rotary_emb_base", "partial_rotary_factor", "rotary_pct", "rms_norm_eps",
+                     "layer_norm_eps"], NUMBER),
+    **dict.fromkeys(["use_sliding_window", "tie_word_embeddings", "attention_bias", "mlp_bias",
+                     "use_parallel_residual"], FLAG),
+    **dict.fromkeys(["rope_parameters", "rope_scaling", "id2label"], OBJECT),
+    "hidden_act": TEXT, "eos_token_id": TOKEN_IDS, "bos_token_id": COUNT, "pad_token_id": COUNT,
+}
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
@@ -233,7 +247,12 @@ def safetensors_files(path: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no 'weight_map' object")
-        return [path / f for f in sorted(set(weight_map.values()))]
+        for name in weight_map.values():
+            # Untrusted: a name like "../x" or "/x" must not make us read outside the model directory.
+            # Plain names, not resolved paths: the Hub cache's files are symlinks into its blobs.
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                raise ValueError(f"{index}: weight_map names {json.dumps(name)[:60]}, not a file in {path}")
+        return [path / name for name in sorted(set(weight_map.values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -318,10 +337,17 @@ class SafetensorsFile:
                 raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
             begin, end = entry["data_offsets"]
             shape = tuple(entry["shape"])
-            if end - begin != math.prod(shape) * dtype.itemsize or self.data_start + end > size:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if min([begin, *shape]) < 0 or end - begin != nbytes or self.data_start + end > size:
                 raise ValueError(f"tensor {name}'s bytes [{begin}, {end}) do not fit its shape {shape} "
                                  f"or lie past the end of the file (truncated?)")
             self.entries[name] = (dtype, shape, begin)
+        # As safetensors itself: no two tensors may share bytes.
+        spans = sorted((begin, begin + math.prod(shape) * dtype.itemsize, name)
+                       for name, (dtype, shape, begin) in self.entries.items())
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise ValueError(f"tensors {first} and {second} overlap")
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin = self.entries[name]
@@ -339,7 +365,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     num_labels turns a causal LM into a reward model: the same body and a new `score` head
     (initialised as transformers does, normal with std 0.02), for Bradley-Terry training."""
     path = resolve(name_or_path)
-    hf = language_model_config(read_json(path / "config.json"))
+    hf = language_model_config(check_keys(read_json(path / "config.json"), CONFIG_KEYS, path / "config.json"))
     new_head = num_labels is not None and (hf.get("architectures") or [""])[0].endswith("ForCausalLM")
     if new_head:
         hf = as_classifier(hf, num_labels)
@@ -348,18 +374,23 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'} has no {e.args[0]!r}") from None
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = model.state_dict()
-    plan = tensor_plan(hf, cfg)
-    files = safetensors_files(path)
-    readers = []
+    readers, files = [], safetensors_files(path)
     try:
         for f in files:
             readers.append(SafetensorsFile(f))
     except Exception as e:
         raise ValueError(f"{f} is not a readable safetensors file ({error_line(e)})") from None
     where = {name: r for r in readers for name in r.entries}
+    # Before anything is built: a config.json claiming millions of layers would take minutes to
+    # build even on the meta device. Every other size is checked against its tensor's shape below.
+    layers = {int(m.group(1)) for name in where if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name))}
+    if len(layers) != cfg.num_layers:
+        raise ValueError(f"{path / 'config.json'}: num_hidden_layers is {cfg.num_layers}, but the safetensors "
+                         f"files hold {len(layers)} layers")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    plan = tensor_plan(hf, cfg)
     state = {}
     if new_head:
         del plan["score.weight"]
@@ -391,8 +422,8 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     if cfg.local_rope_theta is not None:
         model.local_inv_freq = rope_inv_freq(cfg, local=True).to(device=device)
     model.cfg.hf_config = hf
-    generation = path / "generation_config.json"  # sampling defaults (temperature, top_p, ...) kept on save
-    model.cfg.generation_config = read_json(generation) if generation.is_file() else None
+    # sampling defaults (temperature, top_p, ...) kept on save
+    model.cfg.generation_config = read_generation_config(path) or None
     return model
 
 

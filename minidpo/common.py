@@ -1,13 +1,15 @@
 """Helpers any module may use; this one imports nothing of minidpo, so imports flow one way.
 
 - one-line errors for the user (error_line, print_error);
-- JSON objects read from files with errors that name the file (read_json);
+- JSON objects read from files with errors that name the file (read_json), and the types of
+  their keys checked against rules (check_keys: a downloaded config.json is untrusted input);
 - the one convention for writing a directory safely: build it under a hidden temporary name
   beside its target (temp_dir_beside), then rename it into place (replace_dir). A crash leaves
   the hidden directory, which the next write of the same target removes, never a half-written one.
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -35,6 +37,26 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
     return value
+
+
+def check_keys(values: dict, rules: dict, where) -> dict:
+    """values, once every key of `rules` that it holds (null counts as absent) passes its rule, a
+    (description, test) pair; otherwise a one-line error naming `where` and the key."""
+    for key, (wanted, ok) in rules.items():
+        if values.get(key) is not None and not ok(values[key]):
+            raise ValueError(f"{where}: {key!r} must be {wanted}, got {json.dumps(values[key])[:60]}")
+    return values
+
+
+# Rules for check_keys. JSON's true is an int to Python (bool subclasses int), hence `type(v) is int`.
+SIZE = ("a positive integer", lambda v: type(v) is int and v > 0)
+COUNT = ("a non-negative integer", lambda v: type(v) is int and v >= 0)
+NUMBER = ("a finite number", lambda v: type(v) in (int, float) and math.isfinite(v))
+FLAG = ("true or false", lambda v: type(v) is bool)
+TEXT = ("a string", lambda v: isinstance(v, str))
+OBJECT = ("an object", lambda v: isinstance(v, dict))
+TOKEN_IDS = ("a token id or a list of token ids",
+             lambda v: COUNT[1](v) or isinstance(v, list) and all(COUNT[1](i) for i in v))
 
 
 def temp_dir_beside(target: Path) -> Path:

@@ -124,6 +124,9 @@ class Config:
             if not ok:
                 raise ConfigError(message)
 
+        for f in dataclasses.fields(self):  # inf and nan pass every comparison below that they should fail
+            for value in getattr(self, f.name) if isinstance(getattr(self, f.name), list) else [getattr(self, f.name)]:
+                need(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be finite, got {value}")
         for name in ("model_name_or_path", "dataset_name", "output_dir"):  # HF requires output_dir too
             need(getattr(self, name) is not None, f"--{name} is required")
         need(self.objective in OBJECTIVES,
@@ -176,7 +179,7 @@ class Config:
         for name in ("logging_steps", "save_steps"):
             value = getattr(self, name)
             # HF's rule: below 1 a fraction of the run, from 1 on a whole number of steps.
-            need(math.isfinite(value) and value >= 0 and (value < 1 or value == int(value)),
+            need(value >= 0 and (value < 1 or value == int(value)),
                  f"--{name} must be a fraction below 1 or a whole number of steps, got {value}")
         need(self.log_completions_steps >= 0, f"--log_completions_steps must be >= 0, got {self.log_completions_steps}")
         for backend in self.report_to:

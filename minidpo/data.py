@@ -156,6 +156,8 @@ def _json(text: str, path: Path, line: int):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {line or e.lineno}: malformed JSON: {e.msg}") from None
+    except RecursionError:  # [[[[... nested deeper than Python's stack
+        raise ValueError(f"{path}, line {line or 1}: JSON nested too deeply") from None
 
 
 class PromptSampler:

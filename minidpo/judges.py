@@ -26,10 +26,11 @@ import json
 import math
 import os
 import random
+import socket
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 import torch
 
@@ -193,9 +194,13 @@ class RewardFunctions:
         total = torch.zeros(len(completions))
         for func, weight in zip(self.funcs, self.weights):
             values = func(prompts=prompts, completions=completions, **kwargs)
+            name = getattr(func, "__name__", func)
+            if not isinstance(values, (list, tuple, torch.Tensor)) or any(
+                    not (v is None or isinstance(v, (int, float, torch.Tensor)) and math.isfinite(v)) for v in values):
+                raise ValueError(f"reward function {name} returned {str(values)[:60]}, not a list of numbers (or None)")
             if len(values) != len(completions):
-                raise ValueError(f"reward function {getattr(func, '__name__', func)} returned {len(values)} "
-                                 f"values for {len(completions)} completions")
+                raise ValueError(f"reward function {name} returned {len(values)} values for "
+                                 f"{len(completions)} completions")
             total += weight * torch.tensor([0.0 if v is None else float(v) for v in values])
         return total
 
@@ -307,11 +312,16 @@ class OpenAIJudge(PairwiseJudge):
     a pair that still fails is -1 and counted in `self.failures` (over the judge's lifetime). If
     every pair of a call fails, judge() raises JudgeError naming the endpoint and the last error.
     Requests run `max_workers` at a time.
+
+    Each try has `timeout` seconds in all (connecting, sending, every byte of the reply), so a
+    pair gives up after at most (max_retries + 1) * timeout + backoff * (2**(max_retries + 1) - 2)
+    seconds: 40 + 28 with the defaults, about a minute before "the judge is down". Redirects are
+    never followed: the API key goes to the configured host and no other. No proxy is used.
     """
 
     def __init__(self, model: str = "gpt-4o-mini", base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", instruction: str = DEFAULT_INSTRUCTION,
-                 timeout: float = 30.0, max_retries: int = 4, backoff: float = 1.0, max_workers: int = 8,
+                 timeout: float = 10.0, max_retries: int = 3, backoff: float = 1.0, max_workers: int = 8,
                  seed: int = 0):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -329,20 +339,19 @@ class OpenAIJudge(PairwiseJudge):
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, json.dumps(payload).encode(), headers, method="POST")
         for attempt in range(self.max_retries + 1):
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    body = response.read()
-                break
-            except urllib.error.HTTPError as e:
+                status, reason, body = self.post(json.dumps(payload).encode(), headers)
+                if status == 200:
+                    break
                 # Other 4xx (bad key, bad request, unknown model) will not get better by asking again.
-                if e.code != 429 and e.code < 500 or attempt == self.max_retries:
-                    hint = f" (is ${self.api_key_env} set?)" if e.code == 401 and not key else ""
-                    raise RuntimeError(f"HTTP {e.code} {e.reason}{hint}") from None
+                if status != 429 and status < 500 or attempt == self.max_retries:
+                    hint = f" (is ${self.api_key_env} set?)" if status == 401 and not key else ""
+                    hint += " (redirects are not followed: the key goes to no other host)" if 300 <= status < 400 else ""
+                    raise RuntimeError(f"HTTP {status} {reason}{hint}")
             except (OSError, http.client.HTTPException) as e:  # timeouts, refused or dropped connections
                 if attempt == self.max_retries:
-                    raise RuntimeError(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+                    raise RuntimeError(f"{type(e).__name__}: {e}") from None
             time.sleep(self.backoff * 2 ** attempt * (1 + random.random()))
         try:
             content = json.loads(body)["choices"][0]["message"]["content"] or ""
@@ -351,6 +360,39 @@ class OpenAIJudge(PairwiseJudge):
         if not isinstance(content, str):  # e.g. a list of content parts: not an answer of "0" or "1"
             raise RuntimeError(f"not a chat-completions reply with text content: {body[:100]!r}")
         return content
+
+    def post(self, body: bytes, headers: dict) -> tuple[int, str, bytes]:
+        """One POST to self.url: (status, reason, reply body), over within self.timeout seconds. The
+        socket's own timeout bounds each read only; a server sending a byte every few seconds would
+        hold it forever, so a watchdog shuts the socket at the deadline."""
+        url = urllib.parse.urlsplit(self.url)
+        connection = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(
+            url.netloc, timeout=self.timeout)
+
+        sockets = []  # the connection's, kept: http.client lets go of it once the reply has begun
+
+        def shut():
+            for sock in sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read: it ends at once
+                except OSError:  # closed already
+                    pass
+
+        watchdog, start = threading.Timer(self.timeout, shut), time.monotonic()
+        watchdog.start()
+        try:
+            connection.connect()  # itself bounded by the socket's timeout
+            sockets.append(connection.sock)
+            connection.request("POST", url.path, body, headers)
+            response = connection.getresponse()
+            return response.status, response.reason, response.read()
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() - start >= self.timeout:  # the watchdog's doing: not "connection reset"
+                raise TimeoutError(f"no complete reply within {self.timeout} s") from None
+            raise
+        finally:
+            watchdog.cancel()
+            connection.close()
 
     def judge(self, prompts, completion_pairs, shuffle_order=True):
         swapped = [False] * len(completion_pairs)

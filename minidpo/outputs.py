@@ -12,6 +12,8 @@ never leaves a half-written checkpoint or model.
 
 import json
 import os
+import pathlib
+import pickle
 import shutil
 import sys
 import warnings
@@ -20,15 +22,74 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import filesystem, metadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .checkpoint import write_pretrained
-from .common import error_line, replace_dir, temp_dir_beside
+from .common import COUNT, OBJECT, SIZE, check_keys, error_line, replace_dir, temp_dir_beside
 from .distributed import Dist, barrier, full_state_dict
 
 # Without a process group (one process), DCP warns at every save and load that it assumes one process:
 # that is the intent, and the warning's two lines would bury the log and the one-line errors.
 DCP_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+# What DCP's .metadata pickle may name (found by listing a minidpo checkpoint's): DCP's metadata
+# dataclasses, torch.Size, dtypes, layouts by name, the checkpoint's path. Nothing that runs code.
+DCP_METADATA_CLASSES = {
+    **{("torch.distributed.checkpoint.metadata", name): getattr(metadata, name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")},
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): pathlib.PosixPath,
+}
+TRAINER_STATE_KEYS = {"step": COUNT, "world_size": SIZE, "scheduler": OBJECT}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in DCP_METADATA_CLASSES:
+            return DCP_METADATA_CLASSES[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"its .metadata names {module}.{name}, which DCP metadata never holds")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's reader, which would unpickle .metadata with plain pickle (running whatever a planted
+    object's __reduce__ says): here only the classes of DCP metadata load, and every data file it
+    names must be a plain name in the checkpoint's directory."""
+
+    def read_metadata(self, *args, **kwargs):
+        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            meta = MetadataUnpickler(f).load()
+        if not isinstance(meta, metadata.Metadata) or not isinstance(meta.storage_data, dict):
+            raise ValueError("its .metadata is not DCP metadata")
+        for info in meta.storage_data.values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"its .metadata names the data file {name!r}, outside the checkpoint")
+        if not isinstance(meta.storage_meta, metadata.StorageMeta):  # as DCP's own read_metadata
+            meta.storage_meta = metadata.StorageMeta()
+        meta.storage_meta.load_id = self.load_id
+        return meta
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's planner, which reads non-tensor values (optimizer hyperparameters) with torch.load's
+    full unpickler: here they must load with weights_only=True (numbers, strings, containers)."""
+
+    def load_bytes(self, read_item, value):
+        torch.load(value, weights_only=True)  # raises on anything else
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def dcp_error(e: BaseException) -> BaseException:
+    # DCP wraps each rank's error in a CheckpointException, a BaseException: the one inside.
+    return next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
 
 
 class Checkpoints:
@@ -43,6 +104,19 @@ class Checkpoints:
             tmp = temp_dir_beside(final)
         barrier()
         tmp = final.with_name(f".{final.name}.tmp")
+        try:
+            self.write(tmp, step, model, optimizer, scheduler, tokenizer, config, generator)
+        except (Exception, dcp.CheckpointException) as e:  # e.g. a full disk
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"could not write checkpoint {final} ({error_line(dcp_error(e))})") from None
+        barrier()
+        if self.dist.is_main:
+            replace_dir(tmp, final)
+            self.prune()
+        barrier()
+
+    def write(self, tmp: Path, step: int, model, optimizer, scheduler, tokenizer, config: dict, generator):
         model_state, optim_state = get_state_dict(model, optimizer)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", DCP_ONE_PROCESS)
@@ -55,11 +129,6 @@ class Checkpoints:
             state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": self.dist.world_size,
                      "config": config}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        barrier()
-        if self.dist.is_main:
-            replace_dir(tmp, final)
-            self.prune()
-        barrier()
 
     def all(self) -> list[Path]:
         """output_dir's checkpoint-N directories, oldest first (other names, e.g. checkpoint-best, are left be)."""
@@ -92,6 +161,13 @@ class Checkpoints:
             # e.g. a checkpoint of HF's Trainer, whose trainer_state.json holds other things
             raise ValueError(f"--resume_from_checkpoint: {path} was not written by minidpo "
                              "(its trainer_state.json lacks step, world_size or scheduler)")
+        where = f"--resume_from_checkpoint: {path / 'trainer_state.json'}"
+        check_keys(state, TRAINER_STATE_KEYS, where)
+        ours = scheduler.state_dict()  # the saved one must have its keys, with values (and items) of the same types
+        kinds = lambda v: [type(v), *map(type, v)] if isinstance(v, list) else [type(v)]  # noqa: E731
+        for key, value in state["scheduler"].items():
+            if key not in ours or kinds(value) != kinds(ours[key]):
+                raise ValueError(f"{where}: scheduler has {key!r} = {json.dumps(value)[:60]}, not a value of ours")
         if state["world_size"] != self.dist.world_size:
             raise ValueError(f"--resume_from_checkpoint: {path} was written by {state['world_size']} process(es); "
                              f"resume with the same number (this run has {self.dist.world_size})")
@@ -100,13 +176,13 @@ class Checkpoints:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", DCP_ONE_PROCESS)
-                dcp.load(both, checkpoint_id=path / "state")
+                reader = SafeReader(path / "state")
+                # Read once before DCP does: DCP would log a failure with its traceback and retry elsewhere.
+                reader.read_metadata()
+                dcp.load(both, storage_reader=reader, planner=SafePlanner())
             rng = load_file(path / f"rng-rank{self.dist.rank}.safetensors")
         except (Exception, dcp.CheckpointException) as e:
-            # DCP wraps each rank's error in a CheckpointException, a BaseException: name the one inside.
-            if isinstance(e, dcp.CheckpointException):
-                e = next(iter(e.failures.values()))[0]
-            raise ValueError(f"--resume_from_checkpoint: {path} is unreadable ({error_line(e)})") from None
+            raise ValueError(f"--resume_from_checkpoint: {path} is unreadable ({error_line(dcp_error(e))})") from None
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(rng["torch"])

@@ -253,6 +253,10 @@ class Sampler:
     def reserve(self, rows: int, length: int):
         """Make sure the cache holds `rows` rows of `length` columns and, with graphs, that the
         decode graph for this row count exists. A cache is only replaced by a larger one."""
+        positions = (self.model.cfg.hf_config or {}).get("max_position_embeddings")
+        if positions and length > positions:  # beyond them the model was never trained (and memory runs out)
+            raise ValueError(f"{length} tokens (prompt and new tokens) do not fit the model's {positions} "
+                             "positions (max_position_embeddings)")
         rows = bucket(rows)
         cache = self.cache
         if cache is None or cache.valid.shape[0] < rows or cache.max_len < length:

@@ -12,23 +12,43 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import sys
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
 import jinja2.ext
 import torch
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
-from .common import read_json
+from .common import COUNT, NUMBER, TOKEN_IDS, check_keys, error_line, read_json
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# What the keys read from tokenizer_config.json, special_tokens_map.json, generation_config.json must be.
+TOKEN = ("a string or an added-token object",
+         lambda v: isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str))
+TEMPLATES = ("a string or a list of {name, template} objects", lambda v: isinstance(v, str) or isinstance(v, list)
+             and all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                     for t in v))
+TOKENIZER_KEYS = {**dict.fromkeys(SPECIAL_TOKENS, TOKEN), "chat_template": TEMPLATES}
+GENERATION_KEYS = {"eos_token_id": TOKEN_IDS, "bos_token_id": COUNT, "pad_token_id": COUNT, "top_k": COUNT,
+                   "temperature": NUMBER, "top_p": NUMBER}
+# Bounds on one render of a chat template, which is downloaded code: far above what real templates
+# use (a few hundred lines of template code per message, outputs of a few thousand characters).
+MAX_TEMPLATE_STEPS = 500_000  # lines of template code run: a second or two
+MAX_TEMPLATE_SIZE = 2**20  # characters (or items) of any value built, the output included
 
 
-def _read_json(path: Path) -> dict:
-    """An optional file's JSON object: {} when the file is absent."""
-    return read_json(path) if path.is_file() else {}
+def _read_json(path: Path, rules: dict) -> dict:
+    """An optional file's JSON object, its keys checked against rules: {} when the file is absent."""
+    return check_keys(read_json(path), rules, path) if path.is_file() else {}
+
+
+def read_generation_config(model_dir) -> dict:
+    return _read_json(Path(model_dir) / "generation_config.json", GENERATION_KEYS)
 
 
 def _token_text(value) -> str | None:
@@ -66,20 +86,116 @@ class _GenerationTag(jinja2.ext.Extension):
         return jinja2.nodes.Scope(body).set_lineno(lineno)
 
 
+class TemplateLimit(Exception):
+    """A chat template went past a bound of the sandbox."""
+
+
+def _check_size(value):
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_TEMPLATE_SIZE:
+        raise TemplateLimit(f"it built a value of {len(value)} items (at most {MAX_TEMPLATE_SIZE})")
+    return value
+
+
+def _check_format(fmt, args=()):
+    # A field width is a size too: '%0999999999d' % 1, '%*d' % (999999999, 1) and '{:>999999999}'.format(1)
+    # build 1 GB.
+    if isinstance(fmt, str) and (re.search(r"\d{7,}", fmt) or any(type(a) is int and a > 999_999 for a in args)):
+        raise TemplateLimit(f"a format string with a field width of a million or more: {fmt[:40]!r}")
+    return fmt
+
+
+def _bounded(func):
+    """func for template code: an integer argument beyond the size bound (a width, count or exponent
+    that would allocate that much) is refused before the call, a result beyond it after."""
+    @functools.wraps(func)  # keeps Jinja's pass_context marks of filters
+    def call(*args, **kwargs):
+        if any(type(a) is int and abs(a) > MAX_TEMPLATE_SIZE for a in (*args, *kwargs.values())):
+            raise TemplateLimit(f"an integer argument beyond {MAX_TEMPLATE_SIZE}")
+        return _check_size(func(*args, **kwargs))
+    return call
+
+
+class _CodeGenerator(CodeGenerator):
+    def visit_Concat(self, node, frame):  # `a ~ b` builds a string outside every call: check it
+        self.write("environment.check_size(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's sandbox (no attribute of Python's internals, nothing mutated) with bounded sizes: every
+    call, filter, operator, `~` and output buffer goes through _bounded or _check_size, so no value
+    outgrows MAX_TEMPLATE_SIZE by more than one step. Time is bounded by _render's step count."""
+
+    code_generator_class = _CodeGenerator
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+    check_size = staticmethod(_check_size)
+
+    def call_binop(self, context, operator, left, right):
+        # A repetition ('ab' * n, [x] * n) has a size known before it is built: check it first.
+        seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+        if operator == "*" and isinstance(seq, (str, list, tuple)) and type(n) is int \
+                and len(seq) * n > MAX_TEMPLATE_SIZE:
+            raise TemplateLimit(f"it repeats a value to {len(seq) * n} items (at most {MAX_TEMPLATE_SIZE})")
+        if operator == "%":
+            _check_format(left, right if isinstance(right, tuple) else ())
+        return _bounded(super().call_binop)(context, operator, left, right)
+
+    def wrap_str_format(self, value):  # the attribute lookup of str.format and str.format_map
+        if getattr(value, "__name__", None) in ("format", "format_map"):
+            _check_format(value.__self__)
+        return super().wrap_str_format(value)
+
+    def call(self, context, obj, /, *args, **kwargs):
+        return _bounded(super().call)(context, obj, *args, **kwargs)
+
+    def concat(self, parts) -> str:  # output buffers: the render's output, macros', {% set %} blocks'
+        out, total = [], 0
+        for part in parts:
+            total += len(part)
+            if total > MAX_TEMPLATE_SIZE:
+                raise TemplateLimit(f"its output grew beyond {MAX_TEMPLATE_SIZE} characters")
+            out.append(part)
+        return "".join(out)
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     # The same environment settings as transformers; with other whitespace rules the prompts would differ.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
+    format_filter = env.filters["format"]
+    env.filters["format"] = lambda fmt, *args, **kwargs: format_filter(_check_format(fmt, args), *args, **kwargs)
+    env.filters = {name: _bounded(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
 
 
+def _render(template: jinja2.Template, **variables) -> str:
+    """template.render within MAX_TEMPLATE_STEPS lines of template code: the one bound on time that
+    covers every loop and recursion. Jinja compiles a template to Python whose frames are named
+    <template>; only those are traced, line by line."""
+    steps = 0
+
+    def count(frame, event, arg):
+        nonlocal steps
+        steps += 1
+        if steps > MAX_TEMPLATE_STEPS:
+            raise TemplateLimit(f"it ran more than {MAX_TEMPLATE_STEPS} steps")
+        return count
+
+    previous = sys.gettrace()  # a debugger's or coverage's: back after the render
+    sys.settrace(lambda frame, event, arg: count if frame.f_code.co_filename == "<template>" else None)
+    try:
+        return template.render(**variables)
+    finally:
+        sys.settrace(previous)
+
+
 class Tokenizer:
     def __init__(self, backend: _Backend, special: dict[str, str | None], chat_template: str | None = None,
-                 extra_eos_ids: list[int] = ()):
+                 extra_eos_ids: list[int] = (), template_origin: str = "chat_template"):
         # A tokenizer.json may be saved with padding or truncation switched on; transformers turns both off
         # unless asked, so every plain encode here must too.
         backend.no_padding()
@@ -89,7 +205,8 @@ class Tokenizer:
         self.eos_token = special.get("eos_token")
         self.pad_token = special.get("pad_token")
         self.unk_token = special.get("unk_token")
-        self.chat_template = chat_template
+        self.chat_template, self.template_origin = chat_template, template_origin  # origin: the file, for errors
+        self.known_roles = set()  # roles the template was seen to render (apply_chat_template)
         self.bos_token_id = self._id(self.bos_token)
         self.eos_token_id = self._id(self.eos_token)
         self.pad_token_id = self._id(self.pad_token)
@@ -113,17 +230,20 @@ class Tokenizer:
             backend = _Backend.from_file(str(tok_file))
         except Exception as e:  # the Rust side raises a bare Exception
             raise ValueError(f"could not parse {tok_file}: {e}") from e
-        config = _read_json(path / "tokenizer_config.json")
-        special_map = _read_json(path / "special_tokens_map.json")
+        config = _read_json(path / "tokenizer_config.json", TOKENIZER_KEYS)
+        special_map = _read_json(path / "special_tokens_map.json", TOKENIZER_KEYS)
         special = {k: _token_text(config.get(k) or special_map.get(k)) for k in SPECIAL_TOKENS}
         template_file = path / "chat_template.jinja"
         if template_file.is_file():  # transformers 5 saves the template here, and it wins over the config's
-            template = template_file.read_text(encoding="utf-8")
+            try:
+                template = template_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{template_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         else:
-            template = _pick_template(config.get("chat_template"))
-        eos = _read_json(path / "generation_config.json").get("eos_token_id")
+            template, template_file = _pick_template(config.get("chat_template")), path / "tokenizer_config.json"
+        eos = read_generation_config(path).get("eos_token_id")
         extra_eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        return cls(backend, special, template, extra_eos)
+        return cls(backend, special, template, extra_eos, str(template_file))
 
     @property
     def vocab_size(self) -> int:
@@ -218,13 +338,17 @@ class Tokenizer:
         # Absent special tokens stay undefined (render as ""), not None (renders "None"); tools and documents
         # are passed as None because templates test `tools is not none`.
         variables = {k: getattr(self, k) for k in SPECIAL_TOKENS if getattr(self, k) is not None}
-        variables.update({"tools": None, "documents": None, **kwargs})
-        try:
-            text = _compile(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.exceptions.TemplateError as e:  # e.g. raise_exception("System role not supported")
-            first_line = (e.message or type(e).__name__).strip().splitlines()[0]
-            raise ValueError(f"the chat template rejected a conversation: {first_line}") from e
+        variables.update({"tools": None, "documents": None, "add_generation_prompt": add_generation_prompt, **kwargs})
+        text = self._render(messages, variables)
+        # A template may drop the messages of a role it does not know, silently; transformers renders
+        # them all the same. So each new role is probed once: rendered with its contents replaced by a
+        # marker, which must show (a marker, not the contents: templates may trim or rewrite those).
+        for role in {m.get("role") for m in messages} - self.known_roles:
+            marker = "minidpo-role-probe"
+            probe = [{**m, "content": marker} if m.get("role") == role else m for m in messages]
+            if marker not in self._render(probe, variables):
+                raise ValueError(f"{self.template_origin}: the chat template drops messages with role {role!r}")
+            self.known_roles.add(role)
         if continue_final_message:
             if tag.strip() not in text:
                 raise ValueError("the chat template drops the final message's text, so it cannot be continued")
@@ -234,6 +358,16 @@ class Tokenizer:
             return text
         # The template writes BOS itself when the model wants one; encoding with specials would double it.
         return self.encode(text, add_special_tokens=False)
+
+    def _render(self, messages: list[dict], variables: dict) -> str:
+        try:
+            return _render(_compile(self.chat_template), messages=messages, **variables)
+        except jinja2.exceptions.TemplateError as e:  # e.g. raise_exception("System role not supported")
+            first_line = (e.message or type(e).__name__).strip().splitlines()[0]
+            raise ValueError(f"the chat template rejected a conversation: {first_line}") from e
+        except Exception as e:  # a bound of the sandbox, a recursion too deep, a type error in the template
+            raise ValueError(f"{self.template_origin}: the chat template failed "
+                             f"({type(e).__name__}: {error_line(e)})") from None
 
     def save(self, path) -> None:
         path = Path(path)

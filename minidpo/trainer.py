@@ -23,6 +23,7 @@ Checkpoints and the final model: outputs.py. Reward-model training shares this l
 """
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -197,12 +198,22 @@ class Trainer:
 
     # ---- one optimizer step: collect, then learn ----
 
+    warned_undecided = False  # train_step's warning, once a run
+
     def train_step(self, micro_batches: list) -> tuple[dict, torch.Tensor]:
         """One optimizer step on [(epoch, batch)] micro-batches; returns ({name: (sum, count)}, grad_norm)."""
         rollouts = self.collect(micro_batches)
         # The step's loss is the mean over the decided pairs of all its micro-batches on all ranks,
         # the same however the batch is split: count them once, before any backward.
-        pairs = all_reduce_sum(sum(r.decided.sum() for r in rollouts).float().to(self.dist.device)).clamp(min=1)
+        pairs = all_reduce_sum(sum(r.decided.sum() for r in rollouts).float().to(self.dist.device))
+        # A judge that answers nothing usable (every pair -1) would let the run "succeed" having learned
+        # nothing: say so at the first wholly undecided micro-batch, stop at a wholly undecided step.
+        if pairs.item() == 0:  # the same count on every rank: all stop together
+            raise TrainingError(f"step {self.step + 1}: the judge decided none of the step's pairs; "
+                                "stopping rather than training on nothing")
+        if not self.warned_undecided and any(not r.decided.any() for r in rollouts):
+            print(f"warning: step {self.step + 1}: the judge decided none of a batch's pairs", file=sys.stderr)
+            self.warned_undecided = True
         metrics = Metrics()
         for i, rollout in enumerate(rollouts):
             if self.dist.world_size > 1:  # FSDP: reduce-scatter the gradients once, after the last micro-batch

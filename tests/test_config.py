@@ -165,7 +165,7 @@ def test_unsupported_messages_point_somewhere():
     (["--judge", "j", "--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
     (["--judge", "j", "--logging_steps", "0"], "--logging_steps must be > 0"),
     (["--judge", "j", "--save_steps", "-1"], "--save_steps must be a fraction below 1 or a whole number"),
-    (["--judge", "j", "--logging_steps", "inf"], "--logging_steps must be a fraction below 1 or a whole number"),
+    (["--judge", "j", "--logging_steps", "inf"], "--logging_steps must be finite, got inf"),
     (["--judge", "j", "--log_completions_steps", "-1"], "--log_completions_steps must be >= 0"),
     (["--judge", "j", "--report_to", "mlflow"], "--report_to 'mlflow' is not supported; use none, tensorboard, wandb"),
     (["--judge", "j", "--objective", "sft"], "--objective must be one of online_dpo, reward"),

@@ -468,7 +468,7 @@ def test_openai_every_pair_failing_raises(endpoint):
     # Nothing listening at all.
     port = server.server.server_address[1]
     server.close()
-    with pytest.raises(JudgeError, match="URLError"):
+    with pytest.raises(JudgeError, match="ConnectionRefusedError"):
         openai_judge(f"http://127.0.0.1:{port}/v1", max_retries=1).judge(["q"], [("a", "b")])
 
 

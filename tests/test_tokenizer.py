@@ -41,7 +41,7 @@ TOOLS_TEMPLATE = """{% if tools is not none %}
     <tools>{{ tools | tojson(indent=2) }}</tools>
 {% endif %}
 {% for message in messages %}
-    {% if message['role'] == 'stop' %}{% break %}{% endif %}
+    {% if message['content'] == 'stop' %}{% break %}{% endif %}
     <|im_start|>{{ message['role'] }}|{{ pad_token }}|{{ message | tojson }}<|im_end|>
 {% endfor %}
 """
@@ -169,7 +169,7 @@ def test_tools_kwarg_tojson_and_strftime(chatml):
     template = TOOLS_TEMPLATE + "{{ strftime_now('%Y') }}"
     tok.chat_template = hf.chat_template = template
     tools = [{"name": "lookup", "description": "finds <b>café</b> & 'more'", "parameters": {"q": "string"}}]
-    messages = [{"role": "user", "content": "héllo", "tool_calls": None}, {"role": "stop", "content": "x"},
+    messages = [{"role": "user", "content": "héllo", "tool_calls": None}, {"role": "assistant", "content": "stop"},
                 {"role": "user", "content": "never shown"}]
     text = tok.apply_chat_template(messages, tools=tools)
     assert text == hf.apply_chat_template(messages, tools=tools, tokenize=False)
