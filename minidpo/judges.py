@@ -367,19 +367,24 @@ class OpenAIJudge(PairwiseJudge):
 # ---------------------------------------------------------------------------------------------
 # train.py --judge NAME
 
+def pair_rm_judge(**options) -> PairwiseJudge:
+    """llm-blender's PairRM (see pair_rm.py), imported here on use: pair_rm.py imports this module."""
+    from .pair_rm import PairRMJudge
+
+    return PairRMJudge.from_pretrained(**options)
+
+
 JUDGES = {
     "shorter": ShorterJudge,
     "keyword": KeywordJudge,
     "llm": LLMJudge.from_pretrained,
     "openai": OpenAIJudge,
+    "pair_rm": pair_rm_judge,
 }
 
 
 def make_judge(name: str, **options) -> PairwiseJudge:
     """The judge registered under `name`, built with `options` (e.g. make_judge("openai", model=...))."""
-    if name == "pair_rm":
-        raise ValueError(f"--judge pair_rm (llm-blender's PairRM ranker) is not supported by minidpo; "
-                         f"available judges: {', '.join(JUDGES)}, or use --reward_model_path")
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; available judges: {', '.join(JUDGES)}")
     return JUDGES[name](**options)
@@ -406,6 +411,10 @@ class Preference:
                 options = {"path": cfg.judge_model or cfg.model_name_or_path, "device": device}
                 if cfg.judge_instruction:
                     options["instruction"] = cfg.judge_instruction
+            elif cfg.judge == "pair_rm":  # fp32 unless --bf16: near-tie verdicts can flip in half precision
+                options = {"device": device, "dtype": torch.bfloat16 if cfg.bf16 else None}
+                if cfg.judge_model:
+                    options["path"] = cfg.judge_model
             self.judge = make_judge(cfg.judge, **options)
         if cfg.reward_model_path:
             self.scorers.append(RewardModel.from_pretrained(
