@@ -25,6 +25,7 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .checkpoint import SafetensorsFile, resolve, safetensors_files
 from .common import error_line, read_json
@@ -45,7 +46,6 @@ class EncoderConfig:
     num_heads: int
     position_buckets: int = 256  # <= 0: relative distances as they are, clamped to max_relative_positions
     max_relative_positions: int = 512
-    pos_att_type: tuple = ("c2p", "p2c")
     share_att_key: bool = True  # the position terms reuse the content query/key projections
     norm_rel_ebd: bool = True  # LayerNorm on the relative position embeddings
     layer_norm_eps: float = 1e-7
@@ -81,17 +81,14 @@ class Attention(nn.Module):
 
     with r(i, j) the relative index of i - j, K = key projection and Q = query projection of the
     relative embeddings (content->position and position->content terms; the pos_* projections
-    when share_att_key is off). The scale counts the terms present."""
+    when share_att_key is off)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         H, self.cfg = cfg.hidden_size, cfg
         self.query_proj, self.key_proj, self.value_proj, self.out = (nn.Linear(H, H) for _ in range(4))
         if not cfg.share_att_key:
-            if "c2p" in cfg.pos_att_type:
-                self.pos_key_proj = nn.Linear(H, H)
-            if "p2c" in cfg.pos_att_type:
-                self.pos_query_proj = nn.Linear(H, H)
+            self.pos_key_proj, self.pos_query_proj = nn.Linear(H, H), nn.Linear(H, H)
         self.norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
 
     def heads(self, x):  # [..., n, H] -> [..., heads, n, head_dim]
@@ -101,17 +98,13 @@ class Attention(nn.Module):
         R, N, H = x.shape
         cfg = self.cfg
         q, k, v = self.heads(self.query_proj(x)), self.heads(self.key_proj(x)), self.heads(self.value_proj(x))
-        scale = (H // cfg.num_heads * (1 + len(cfg.pos_att_type))) ** -0.5
-        bias = key_bias
-        if "c2p" in cfg.pos_att_type:
-            pos_key = self.heads((self.key_proj if cfg.share_att_key else self.pos_key_proj)(rel))  # [heads, 2span, d]
-            bias = bias + (q @ pos_key.transpose(-1, -2)).gather(-1, index.expand(R, cfg.num_heads, N, N)) * scale
-        if "p2c" in cfg.pos_att_type:
-            pos_query = self.heads((self.query_proj if cfg.share_att_key else self.pos_query_proj)(rel))
-            # [j, i] = k_j · Q_r(i,j): gathered along the key's rows, then transposed to [i, j]
-            p2c = (k @ pos_query.transpose(-1, -2)).gather(-1, index.T.expand(R, cfg.num_heads, N, N))
-            bias = bias + p2c.transpose(-1, -2) * scale
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        scale = (3 * H // cfg.num_heads) ** -0.5
+        pos_key = self.heads((self.key_proj if cfg.share_att_key else self.pos_key_proj)(rel))  # [heads, 2span, d]
+        pos_query = self.heads((self.query_proj if cfg.share_att_key else self.pos_query_proj)(rel))
+        c2p = (q @ pos_key.transpose(-1, -2)).gather(-1, index.expand(R, cfg.num_heads, N, N))
+        # [j, i] = k_j · Q_r(i,j): gathered along the key's rows, then transposed to [i, j]
+        p2c = (k @ pos_query.transpose(-1, -2)).gather(-1, index.T.expand(R, cfg.num_heads, N, N)).transpose(-1, -2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias + (c2p + p2c) * scale, scale=scale)
         return self.norm(x + self.out(out.transpose(1, 2).reshape(R, N, H)))
 
 
@@ -182,6 +175,11 @@ def hf_name(ours: str) -> str:
     return "pretrained_model." + ours
 
 
+ONLY = {  # DeBERTa-v2 options with the one value supported, DeBERTa-v3's: key -> (transformers' default, value)
+    "relative_attention": (False, True), "position_biased_input": (True, False), "type_vocab_size": (0, 0),
+    "conv_kernel_size": (0, 0), "hidden_act": ("gelu", "gelu"), "pos_att_type": (None, ["c2p", "p2c"])}
+
+
 def encoder_config(config: dict, shapes: dict, where) -> EncoderConfig:
     """The encoder's settings from a DebertaV2PairRM config.json (PairRM-hf), or DeBERTa-v3's for
     llm-blender's layout, whose config.json is the ranker's; the sizes from the weights."""
@@ -201,18 +199,17 @@ def encoder_config(config: dict, shapes: dict, where) -> EncoderConfig:
                  num_layers=len({n.split(".")[3] for n in shapes if n.startswith("pretrained_model.encoder.layer.")}))
     if ranker:
         return EncoderConfig(**sizes, num_heads=hidden_size // 64)  # DeBERTa-v3's heads are 64 wide
-    # (key, transformers' default, the one value supported): what DeBERTa-v3 and PairRM use
-    for key, default, needed in (("relative_attention", False, True), ("position_biased_input", True, False),
-                                 ("type_vocab_size", 0, 0), ("conv_kernel_size", 0, 0), ("hidden_act", "gelu", "gelu")):
+    types = config.get("pos_att_type") or []
+    types = types.lower().split("|") if isinstance(types, str) else types
+    config = {**config, "pos_att_type": sorted(t.strip() for t in types)}
+    for key, (default, needed) in ONLY.items():
         if config.get(key, default) != needed:
             raise ValueError(f"{where}/config.json: {key}={config.get(key, default)!r} is not supported (PairRM has {needed!r})")
-    types = config.get("pos_att_type") or []
-    types = [t.strip() for t in types.lower().split("|")] if isinstance(types, str) else types
     max_relative = config.get("max_relative_positions", -1)
     return EncoderConfig(
         **sizes, num_heads=config.get("num_attention_heads", 12), position_buckets=config.get("position_buckets", -1),
         max_relative_positions=max_relative if max_relative >= 1 else config.get("max_position_embeddings", 512),
-        pos_att_type=tuple(t for t in ("c2p", "p2c") if t in types), share_att_key=config.get("share_att_key", False),
+        share_att_key=config.get("share_att_key", False),
         norm_rel_ebd="layer_norm" in str(config.get("norm_rel_ebd", "none")), layer_norm_eps=config.get("layer_norm_eps", 1e-7))
 
 
@@ -265,12 +262,10 @@ class PairRMJudge(PairwiseJudge):
         """From a local directory or a Hub repo (only safetensors, JSON and tokenizer files fetched)."""
         path = resolve(path)
         model, config = load_pair_rm(path, dtype=dtype, device=device)
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: PairRM's tokenizer is read from it")
         try:
             tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        except Exception as e:
-            raise ValueError(f"{path / 'tokenizer.json'} is not a tokenizers file ({error_line(e)})") from None
+        except Exception as e:  # missing, or not a tokenizers file
+            raise ValueError(f"{path / 'tokenizer.json'}: no PairRM tokenizer ({error_line(e)})") from None
         return cls(model, tokenizer, config.get("source_maxlength") or 1224, config.get("candidate_maxlength") or 412)
 
     def segment(self, prefix: str, text: str, limit: int) -> list[int]:
@@ -292,10 +287,8 @@ class PairRMJudge(PairwiseJudge):
                 first, second = pair[order[0]], pair[order[1]]
                 rows.append(source + first_prefix + first + second_prefix + second)
                 positions.append([1, len(source) + 1, len(source) + len(first) + 3])
-        ids = torch.full((len(rows), max(map(len, rows))), self.ids["[PAD]"])
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
+        ids = pad_sequence([torch.tensor(row) for row in rows], batch_first=True, padding_value=self.ids["[PAD]"])
+        mask = pad_sequence([torch.ones(len(row), dtype=torch.long) for row in rows], batch_first=True)
         return ids, mask, torch.tensor(positions)
 
     @torch.inference_mode()

@@ -97,10 +97,10 @@ def test_log_bucket_equals_transformers_for_every_distance(buckets, max_relative
 @pytest.mark.parametrize("overrides", [
     dict(),  # DeBERTa-v3's shape: buckets, shared keys, c2p and p2c, layer-normed relative embeddings
     dict(position_buckets=4, max_relative_positions=12, share_att_key=False),
-    dict(position_buckets=16, max_relative_positions=64, share_att_key=False, pos_att_type="c2p"),
-    dict(position_buckets=-1, max_relative_positions=10, norm_rel_ebd="none"),  # no buckets: distances clamped
-    dict(position_buckets=-1, max_relative_positions=-1, pos_att_type="p2c"),  # max_position_embeddings as the range
-], ids=["v3", "buckets4-separate-keys", "c2p-only", "no-buckets", "p2c-only"])
+    dict(position_buckets=32, max_relative_positions=64, share_att_key=False, norm_rel_ebd="none"),
+    dict(position_buckets=-1, max_relative_positions=10),  # no buckets: distances clamped to ±10
+    dict(position_buckets=-1, max_relative_positions=-1),  # max_position_embeddings as the range
+], ids=["v3", "buckets4-separate-keys", "buckets32-plain-rel-embeddings", "no-buckets", "no-range"])
 def test_encoder_equals_transformers(tmp_path, overrides):
     encoder, _ = save_pair_rm(tmp_path, **overrides)
     model, _ = load_pair_rm(tmp_path)
@@ -285,13 +285,15 @@ def test_bad_directories(tmp_path, world):
     bad = tmp_path / "bad"
     save_pair_rm(bad)
     (bad / "tokenizer.json").unlink()
-    assert "tokenizer.json not found" in one_line_error(bad, FileNotFoundError)
+    assert "tokenizer.json: no PairRM tokenizer" in one_line_error(bad)
     save_tokenizer(bad, prefixes=PREFIXES[:2])
     assert "has no <|candidate2|> token" in one_line_error(bad)
     save_tokenizer(bad)
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "position_biased_input": True}))
     assert "position_biased_input=True is not supported" in one_line_error(bad)
+    (bad / "config.json").write_text(json.dumps({**config, "pos_att_type": ["c2p"]}))
+    assert "pos_att_type=['c2p'] is not supported" in one_line_error(bad)
     (bad / "config.json").write_text(json.dumps(config))
     tensors = load_file(str(bad / "model.safetensors"))
     name = "pretrained_model.encoder.layer.1.attention.self.key_proj.weight"
