@@ -1,20 +1,17 @@
 """PairRM, llm-blender's pairwise reward model and the reference's default judge, in raw PyTorch.
 
-A DeBERTa-v2 encoder reads a prompt x and two completions A and B in one row, each segment
-tokenized on its own (right padding, at most 2048 tokens):
-
-    [CLS] <|source|> x [SEP] [CLS] <|candidate1|> A [SEP] [CLS] <|candidate2|> B [SEP]
-
-The source is cut to 1224 tokens; each completion to 412 + (1224 - longest source of its group of 8
-prompts) // 2, the source budget the group leaves unused (llm-blender's batches). With h the last
-hidden states at the three prefix tokens and head = Linear(2H -> H) -> tanh -> Linear(H -> 1):
+A DeBERTa-v2 encoder reads a prompt x and completions A, B in one row (right-padded, <= 2048 tokens),
+each segment tokenized on its own: [CLS] <|source|> x [SEP] [CLS] <|candidate1|> A [SEP] [CLS] <|candidate2|> B [SEP].
+The source is cut to 1224 tokens, each completion to 412 + (1224 - longest source of its group of
+8 prompts) // 2 (llm-blender's batches). With h the last hidden states at the three prefix tokens
+and head = Linear(2H -> H) -> tanh -> Linear(H -> 1):
 
     logit(A, B) = head([h_x; h_A]) - head([h_x; h_B])
     s = (logit(A, B) - logit(B, A)) / 2,    P(A better than B) = sigmoid(2 s / temperature)
 
-Both orders are always scored, so a preference for a position cancels and swapping A and B negates
-s exactly. A literal "[SEP]" in a text becomes a space (as in llm-blender); a prefix token inside a
-prompt or completion (its text typed out) is dropped, since the scores are read at those tokens.
+Both orders are scored, so a position preference cancels and swapping A and B negates s. A literal
+"[SEP]" in a text becomes a space (as in llm-blender); a prefix token typed inside a prompt or
+completion is dropped, since the scores are read at those tokens.
 """
 
 import math
@@ -27,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .checkpoint import SafetensorsFile, resolve, safetensors_files
+from .checkpoint import SafetensorsFile, resolve
 from .common import error_line, read_json
 from .judges import PairwiseJudge, prompt_text
 
@@ -155,24 +152,21 @@ class PairRM(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Loading: PairRM's files (keys pretrained_model.* and head_layer.{1,4}.*) in either layout.
 
-HF_NAMES = [  # our parameter names -> theirs, without "pretrained_model." (the head's have none)
-    (r"^embed\.", "embeddings.word_embeddings."), (r"^embed_norm\.", "embeddings.LayerNorm."),
-    (r"^rel_embed\.", "encoder.rel_embeddings."), (r"^rel_norm\.", "encoder.LayerNorm."),
-    (r"^layers\.(\d+)\.attention\.(\w+_proj)\.", r"encoder.layer.\1.attention.self.\2."),
-    (r"^layers\.(\d+)\.attention\.out\.", r"encoder.layer.\1.attention.output.dense."),
-    (r"^layers\.(\d+)\.attention\.norm\.", r"encoder.layer.\1.attention.output.LayerNorm."),
-    (r"^layers\.(\d+)\.up\.", r"encoder.layer.\1.intermediate.dense."),
-    (r"^layers\.(\d+)\.down\.", r"encoder.layer.\1.output.dense."),
-    (r"^layers\.(\d+)\.norm\.", r"encoder.layer.\1.output.LayerNorm."),
-]
+# Our module names -> theirs; head_layer is Sequential(Dropout, Linear, Tanh, Dropout, Linear).
+TOP_NAMES = {"embed": "pretrained_model.embeddings.word_embeddings", "embed_norm": "pretrained_model.embeddings.LayerNorm",
+             "rel_embed": "pretrained_model.encoder.rel_embeddings", "rel_norm": "pretrained_model.encoder.LayerNorm",
+             "head.0": "head_layer.1", "head.2": "head_layer.4"}
+LAYER_NAMES = {"attention.out": "attention.output.dense", "attention.norm": "attention.output.LayerNorm",
+               "up": "intermediate.dense", "down": "output.dense", "norm": "output.LayerNorm"}  # else attention.self.*
 
 
 def hf_name(ours: str) -> str:
-    if ours.startswith("head."):  # head_layer is Sequential(Dropout, Linear, Tanh, Dropout, Linear)
-        return ours.replace("head.0.", "head_layer.1.").replace("head.2.", "head_layer.4.")
-    for pattern, theirs in HF_NAMES:
-        ours = re.sub(pattern, theirs, ours)
-    return "pretrained_model." + ours
+    module, param = ours.rsplit(".", 1)
+    if layer := re.fullmatch(r"layers\.(\d+)\.(.+)", module):
+        i, module = layer.groups()
+        theirs = LAYER_NAMES.get(module, module.replace("attention.", "attention.self."))
+        return f"pretrained_model.encoder.layer.{i}.{theirs}.{param}"
+    return f"{TOP_NAMES[module]}.{param}"
 
 
 ONLY = {  # DeBERTa-v2 options with the one value supported, DeBERTa-v3's: key -> (transformers' default, value)
@@ -187,15 +181,12 @@ def encoder_config(config: dict, shapes: dict, where) -> EncoderConfig:
     if not ranker and "DebertaV2PairRM" not in (config.get("architectures") or []):
         raise ValueError(f"{where}/config.json is neither llm-blender's pairranker config nor a DebertaV2PairRM "
                          "config: not a PairRM directory")
-
-    def shape(name):
-        if f"pretrained_model.{name}" not in shapes:
-            raise ValueError(f"{where}: the weights have no pretrained_model.{name}: not a PairRM model")
-        return shapes[f"pretrained_model.{name}"]
-
-    vocab_size, hidden_size = shape("embeddings.word_embeddings.weight")
-    sizes = dict(vocab_size=vocab_size, hidden_size=hidden_size,
-                 intermediate_size=shape("encoder.layer.0.intermediate.dense.weight")[0],
+    try:
+        vocab_size, hidden_size = shapes["pretrained_model.embeddings.word_embeddings.weight"]
+        intermediate_size = shapes["pretrained_model.encoder.layer.0.intermediate.dense.weight"][0]
+    except KeyError as e:
+        raise ValueError(f"{where}: the weights have no {e.args[0]}: not a PairRM model") from None
+    sizes = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                  num_layers=len({n.split(".")[3] for n in shapes if n.startswith("pretrained_model.encoder.layer.")}))
     if ranker:
         return EncoderConfig(**sizes, num_heads=hidden_size // 64)  # DeBERTa-v3's heads are 64 wide
@@ -216,13 +207,11 @@ def encoder_config(config: dict, shapes: dict, where) -> EncoderConfig:
 def load_pair_rm(path, dtype=None, device=None) -> tuple[PairRM, dict]:
     """(model, config.json) from a PairRM directory, weights converted to dtype (default float32)."""
     config = read_json(path / "config.json")
-    readers = {}
-    for file in safetensors_files(path):
-        try:
-            readers.update(dict.fromkeys((reader := SafetensorsFile(file)).entries, reader))
-        except Exception as e:
-            raise ValueError(f"{file} is not a readable safetensors file ({error_line(e)})") from None
-    shapes = {name: reader.entries[name][1] for name, reader in readers.items()}
+    try:
+        weights = SafetensorsFile(path / "model.safetensors")  # PairRM's one file; never a pickle
+    except Exception as e:  # missing, truncated or not safetensors
+        raise ValueError(f"{path / 'model.safetensors'}: no readable PairRM weights ({error_line(e)})") from None
+    shapes = {name: shape for name, (_, shape, _) in weights.entries.items()}
     with torch.device("meta"):
         model = PairRM(encoder_config(config, shapes, path))
     state = {}
@@ -231,7 +220,7 @@ def load_pair_rm(path, dtype=None, device=None) -> tuple[PairRM, dict]:
         if shapes.get(theirs) != param.shape:
             found = f"has shape {shapes[theirs]}" if theirs in shapes else "is missing"
             raise ValueError(f"{path}: tensor {theirs} {found}; expected {tuple(param.shape)}")
-        state[ours] = readers[theirs].read(theirs).to(device=device, dtype=dtype or torch.float32)
+        state[ours] = weights.read(theirs).to(device=device, dtype=dtype or torch.float32)
     model.load_state_dict(state, assign=True)
     return model.eval(), config
 
@@ -250,9 +239,8 @@ class PairRMJudge(PairwiseJudge):
                  candidate_max_length: int = 412):
         self.ids = {t: tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]", SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE)}
         for token, i in self.ids.items():
-            if i is None or i >= model.cfg.vocab_size:
-                raise ValueError(f"the tokenizer has no {token} token{'' if i is None else ' the model can embed'}: "
-                                 "not PairRM's tokenizer")
+            if i is None or i >= model.cfg.vocab_size:  # absent, or past the model's embeddings
+                raise ValueError(f"the tokenizer has no {token} token the model embeds: not PairRM's tokenizer")
         self.prefix_ids = {self.ids[t] for t in (SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE)}
         self.model, self.tokenizer = model, tokenizer
         self.source_max_length, self.candidate_max_length = source_max_length, candidate_max_length
