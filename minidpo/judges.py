@@ -3,7 +3,8 @@
 Two kinds of feedback, as in the reference trainer:
 - A pairwise judge reads a prompt and both completions and names the better one: 0 or 1, or -1 when
   undecided. Rule judges need nothing external; LLMJudge asks a local instruct model (the paper's
-  "LLM annotator"); OpenAIJudge asks a chat-completions endpoint.
+  "LLM annotator"); OpenAIJudge asks a chat-completions endpoint; PairRMJudge (pair_rm.py) runs
+  llm-blender's PairRM ranker, the reference's default judge.
 - Pointwise scores rate each completion alone: RewardModel or RewardFunctions. The trainer subtracts
   missing_eos_penalty from the scores of completions that never ended and picks the higher of each pair.
 
