@@ -27,6 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 from .checkpoint import SafetensorsFile, resolve
 from .common import error_line, read_json
 from .judges import PairwiseJudge, prompt_text
+from .model import Linear  # nn.Linear, through oneDNN for fp32 on CPU
 
 SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE = "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"
 GROUP = 8  # prompts per truncation group: llm-blender's batch size, which sets the candidates' budget
@@ -83,9 +84,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         H, self.cfg = cfg.hidden_size, cfg
-        self.query_proj, self.key_proj, self.value_proj, self.out = (nn.Linear(H, H) for _ in range(4))
+        self.query_proj, self.key_proj, self.value_proj, self.out = (Linear(H, H) for _ in range(4))
         if not cfg.share_att_key:
-            self.pos_key_proj, self.pos_query_proj = nn.Linear(H, H), nn.Linear(H, H)
+            self.pos_key_proj, self.pos_query_proj = Linear(H, H), Linear(H, H)
         self.norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
 
     def heads(self, x):  # [..., n, H] -> [..., heads, n, head_dim]
@@ -111,7 +112,7 @@ class Layer(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.attention = Attention(cfg)
-        self.up, self.down = nn.Linear(cfg.hidden_size, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.up, self.down = Linear(cfg.hidden_size, cfg.intermediate_size), Linear(cfg.intermediate_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x, rel, index, key_bias):
@@ -129,7 +130,7 @@ class PairRM(nn.Module):
         self.rel_embed = nn.Embedding(2 * cfg.span, H)
         self.rel_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps) if cfg.norm_rel_ebd else nn.Identity()
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
-        self.head = nn.Sequential(nn.Linear(2 * H, H), nn.Tanh(), nn.Linear(H, 1))
+        self.head = nn.Sequential(Linear(2 * H, H), nn.Tanh(), Linear(H, 1))
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[R, N, H] last hidden states of ids [R, N]; rows padded where mask is 0 (those states are
