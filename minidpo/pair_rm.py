@@ -291,7 +291,7 @@ class PairRMJudge(PairwiseJudge):
             logits = torch.cat([self.model(*(t.to(device) for t in chunk)).float().cpu()
                                 for chunk in zip(ids.split(rows), mask.split(rows), positions.split(rows))])
             out.append((logits[:len(ids) // 2] - logits[len(ids) // 2:]) / 2)
-        return torch.cat(out)
+        return torch.cat(out or [torch.zeros(0)])
 
     def judge(self, prompts, completion_pairs, shuffle_order=True, return_scores=False, temperature=1.0):
         s = self.preferences([prompt_text(p) for p in prompts], completion_pairs)

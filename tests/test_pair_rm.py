@@ -188,9 +188,17 @@ def test_score_by_hand_and_invariants(tiny_dir):
 
 def test_chunks_bound_the_attention_bias(tiny_dir, monkeypatch):
     judge = PairRMJudge.from_pretrained(str(tiny_dir))
+    rows = []
+    judge.model.register_forward_hook(lambda module, args, out: rows.append(args[0].shape))
     whole = judge.preferences(PROMPTS, PAIRS)
-    monkeypatch.setattr("minidpo.pair_rm.BIAS_BUDGET", 1)  # one row per forward
-    assert torch.allclose(judge.preferences(PROMPTS, PAIRS), whole, atol=1e-5)
+    assert [r[0] for r in rows] == [16, 4]  # 8 prompts x 2 orders, then the last 2
+    for budget in (1, 3 * 4 * 30 * 30):  # elements of the [rows, 4 heads, N, N] bias
+        rows.clear()
+        monkeypatch.setattr("minidpo.pair_rm.BIAS_BUDGET", budget)
+        assert torch.allclose(judge.preferences(PROMPTS, PAIRS), whole, atol=1e-5)
+        assert all(r == 1 or r * 4 * n * n <= budget for r, n in rows) and sum(r for r, _ in rows) == 20
+        assert len(rows) > 2 and max(r for r, _ in rows) == (1 if budget == 1 else 4)  # 4: the short last group
+    assert judge.preferences([], []).shape == (0,)
 
 
 def test_typed_prefix_tokens_and_sep_are_dropped(tiny_dir):
