@@ -31,7 +31,7 @@ from .model import Linear  # nn.Linear, through oneDNN for fp32 on CPU
 
 SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE = "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"
 GROUP = 8  # prompts per truncation group: llm-blender's batch size, which sets the candidates' budget
-BIAS_BUDGET = 2**27  # elements of one forward's [rows, heads, N, N] attention bias (512 MB in fp32)
+BIAS_BUDGET = 2**27  # elements of one forward's [rows, heads, N, N] attention bias: 512 MB in fp32, 3x at peak
 
 
 @dataclass
