@@ -3,7 +3,7 @@ head (the encoder llm-blender runs), same random weights in PairRM's shape (DeBE
 layers, hidden 1024, 16 heads, FFN 4096, vocabulary 128005), same rows.
 
 A judged pair is two rows, one per order, of 4 + prompt + 2 x (3 + completion) tokens
-([CLS] prefix text [SEP] per segment). Timing is the encoder and head only: tokenizing is ~1% of it.
+([CLS] prefix text [SEP] per segment). Timing is the encoder and head only, tokenizing not included.
 The two sides run in turn after a warm-up of each; medians of the repeats.
 
     python bench/pair_rm.py                                      # CPU, fp32, 8 pairs of 64 + 2 x 128 tokens
