@@ -413,9 +413,8 @@ class Preference:
                 if cfg.judge_instruction:
                     options["instruction"] = cfg.judge_instruction
             elif cfg.judge == "pair_rm":  # fp32 unless --bf16: near-tie verdicts can flip in half precision
-                options = {"device": device, "dtype": torch.bfloat16 if cfg.bf16 else None}
-                if cfg.judge_model:
-                    options["path"] = cfg.judge_model
+                options = {"device": device, "dtype": torch.bfloat16 if cfg.bf16 else None,
+                           **({"path": cfg.judge_model} if cfg.judge_model else {})}
             self.judge = make_judge(cfg.judge, **options)
         if cfg.reward_model_path:
             self.scorers.append(RewardModel.from_pretrained(

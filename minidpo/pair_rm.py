@@ -63,15 +63,6 @@ def log_bucket(rel: torch.Tensor, buckets: int, max_position: int) -> torch.Tens
     return torch.where(rel.abs() <= mid, rel, (log_pos * rel.sign()).long())
 
 
-def relative_index(n: int, cfg: EncoderConfig, device) -> torch.Tensor:
-    """[n, n]: the row of the relative embeddings for query i and key j, from the distance i - j."""
-    pos = torch.arange(n, device=device)
-    rel = pos[:, None] - pos[None, :]
-    if cfg.position_buckets > 0:
-        rel = log_bucket(rel, cfg.position_buckets, cfg.max_relative_positions)
-    return (rel + cfg.span).clamp(0, 2 * cfg.span - 1)
-
-
 class Attention(nn.Module):
     """Disentangled self-attention, then the output projection and a post-norm residual:
 
@@ -137,7 +128,11 @@ class PairRM(nn.Module):
         meaningless: padding is masked as a key only)."""
         x = self.embed_norm(self.embed(ids))
         key_bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(mask == 0, -math.inf)
-        index = relative_index(ids.shape[1], self.cfg, ids.device)
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        distance, cfg = pos[:, None] - pos[None, :], self.cfg  # [N, N]: i - j for query i and key j
+        if cfg.position_buckets > 0:
+            distance = log_bucket(distance, cfg.position_buckets, cfg.max_relative_positions)
+        index = (distance + cfg.span).clamp(0, 2 * cfg.span - 1)  # its row of the relative embeddings
         rel = self.rel_norm(self.rel_embed.weight)
         for layer in self.layers:
             x = layer(x, rel, index, key_bias[:, None, None, :])
@@ -269,12 +264,11 @@ class PairRMJudge(PairwiseJudge):
         sources = [self.segment(SOURCE, p, self.source_max_length) for p in prompts]
         limit = self.candidate_max_length + (self.source_max_length - max(map(len, sources))) // 2
         bodies = [[self.segment(CANDIDATE, c, limit)[2:] for c in pair] for pair in completion_pairs]  # text + [SEP]
-        first_prefix, second_prefix = [self.ids["[CLS]"], self.ids[CANDIDATE1]], [self.ids["[CLS]"], self.ids[CANDIDATE2]]
-        rows, positions = [], []
+        cls, rows, positions = self.ids["[CLS]"], [], []
         for order in ((0, 1), (1, 0)):
             for source, pair in zip(sources, bodies):
                 first, second = pair[order[0]], pair[order[1]]
-                rows.append(source + first_prefix + first + second_prefix + second)
+                rows.append(source + [cls, self.ids[CANDIDATE1]] + first + [cls, self.ids[CANDIDATE2]] + second)
                 positions.append([1, len(source) + 1, len(source) + len(first) + 3])
         ids = pad_sequence([torch.tensor(row) for row in rows], batch_first=True, padding_value=self.ids["[PAD]"])
         mask = pad_sequence([torch.ones(len(row), dtype=torch.long) for row in rows], batch_first=True)
