@@ -8,6 +8,7 @@ win rate and its 95% Wilson interval are over the decided pairs, and the ties ar
 
     python bench/winrate.py --model_name_or_path out/ --baseline_model offline:SmolLM2-135M-Instruct \
         --judge llm --output winrate.jsonl
+    python bench/winrate.py --model_name_or_path out/ --reference_file refs.jsonl --judge pair_rm
     python bench/winrate.py --model_name_or_path out/ --reference_file refs.jsonl --reward_model_path rm/
 """
 
@@ -63,7 +64,8 @@ def parse_args(argv=None):
                    help="jsonl with a prompt column (with --baseline_model)")
     p.add_argument("--num_prompts", type=int, help="the first N prompts (default: all)")
     p.add_argument("--judge", default="shorter", help="a judge name for minidpo.judges.make_judge")
-    p.add_argument("--judge_model", help="with --judge llm: the judging model")
+    p.add_argument("--judge_model", help="with --judge llm or pair_rm: the judging model "
+                   "(pair_rm's default: llm-blender/PairRM)")
     p.add_argument("--reward_model_path", help="judge with this reward model instead of --judge")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -109,7 +111,10 @@ def evaluate(args) -> int:
     if args.reward_model_path:
         judge = RewardModelJudge(RewardModel.from_pretrained(args.reward_model_path, device=args.device))
     else:
-        judge = make_judge(args.judge, **({"path": args.judge_model} if args.judge_model else {}))
+        options = {"path": args.judge_model} if args.judge_model else {}
+        if args.judge in ("llm", "pair_rm"):  # model judges: on the same device as the models
+            options["device"] = args.device
+        judge = make_judge(args.judge, **options)
     verdicts = judge.judge(prompts, list(zip(completions, baseline)))
 
     winners = [{0: "model", 1: "baseline"}.get(v, "tie") for v in verdicts]

@@ -3,7 +3,8 @@
 Two kinds of feedback, as in the reference trainer:
 - A pairwise judge reads a prompt and both completions and names the better one: 0 or 1, or -1 when
   undecided. Rule judges need nothing external; LLMJudge asks a local instruct model (the paper's
-  "LLM annotator"); OpenAIJudge asks a chat-completions endpoint.
+  "LLM annotator"); OpenAIJudge asks a chat-completions endpoint; PairRMJudge (pair_rm.py) runs
+  llm-blender's PairRM ranker, the reference's default judge.
 - Pointwise scores rate each completion alone: RewardModel or RewardFunctions. The trainer subtracts
   missing_eos_penalty from the scores of completions that never ended and picks the higher of each pair.
 
@@ -419,19 +420,24 @@ class OpenAIJudge(PairwiseJudge):
 # ---------------------------------------------------------------------------------------------
 # train.py --judge NAME
 
+def pair_rm_judge(**options) -> PairwiseJudge:
+    """llm-blender's PairRM (see pair_rm.py), imported here on use: pair_rm.py imports this module."""
+    from .pair_rm import PairRMJudge
+
+    return PairRMJudge.from_pretrained(**options)
+
+
 JUDGES = {
     "shorter": ShorterJudge,
     "keyword": KeywordJudge,
     "llm": LLMJudge.from_pretrained,
     "openai": OpenAIJudge,
+    "pair_rm": pair_rm_judge,
 }
 
 
 def make_judge(name: str, **options) -> PairwiseJudge:
     """The judge registered under `name`, built with `options` (e.g. make_judge("openai", model=...))."""
-    if name == "pair_rm":
-        raise ValueError(f"--judge pair_rm (llm-blender's PairRM ranker) is not supported by minidpo; "
-                         f"available judges: {', '.join(JUDGES)}, or use --reward_model_path")
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; available judges: {', '.join(JUDGES)}")
     return JUDGES[name](**options)
@@ -458,6 +464,9 @@ class Preference:
                 options = {"path": cfg.judge_model or cfg.model_name_or_path, "device": device}
                 if cfg.judge_instruction:
                     options["instruction"] = cfg.judge_instruction
+            elif cfg.judge == "pair_rm":  # fp32 unless --bf16: near-tie verdicts can flip in half precision
+                options = {"device": device, "dtype": torch.bfloat16 if cfg.bf16 else None,
+                           **({"path": cfg.judge_model} if cfg.judge_model else {})}
             self.judge = make_judge(cfg.judge, **options)
         if cfg.reward_model_path:
             self.scorers.append(RewardModel.from_pretrained(

@@ -10,7 +10,6 @@ DOCS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "online_dp
 BASE = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o"]
 
 # The example commands of the reference docs, without `accelerate launch ... examples/scripts/dpo_online.py`.
-# `--judge pair_rm` parses; that minidpo has no such judge is the judge registry's error, raised later.
 REFERENCE_COMMANDS = {
     "qwen2.5-pair_rm": """--model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --judge pair_rm
         --dataset_name trl-lib/ultrafeedback-prompt --learning_rate 5.0e-7 --logging_steps 25

@@ -533,8 +533,7 @@ def test_make_judge():
     assert make_judge("keyword", keyword="thanks").keyword == "thanks"
     judge = make_judge("openai", model="m", base_url="http://127.0.0.1:1/v1")
     assert isinstance(judge, OpenAIJudge) and judge.url == "http://127.0.0.1:1/v1/chat/completions"
-    for name, needle in (("pair_rm", "llm-blender"), ("nope", "unknown judge 'nope'")):
-        with pytest.raises(ValueError) as info:
-            make_judge(name)
-        message = str(info.value)
-        assert "\n" not in message and needle in message and "shorter" in message and "openai" in message
+    with pytest.raises(ValueError) as info:
+        make_judge("nope")
+    message = str(info.value)
+    assert "\n" not in message and "unknown judge 'nope'" in message and "shorter" in message and "pair_rm" in message

@@ -523,7 +523,7 @@ def test_bad_data_and_judge_exit_1_with_one_line(world, tmp_path, capsys):
         (["--dataset_name", no_prompt, "--judge", "shorter"],
          f"{no_prompt}, line 1: no 'prompt' column (columns: question)"),
         (["--dataset_name", empty, "--judge", "shorter"], f"{empty}: split 'train' has no rows"),
-        (["--judge", "pair_rm"], "available judges: shorter, keyword, llm, openai"),
+        (["--judge", "pair_rm", "--judge_model", world["llama"]], "not a PairRM directory"),
         (["--reward_funcs", "minidpo.judges:nothing_here"], "has no callable named 'nothing_here'"),
         (["--judge", "shorter", "--model_name_or_path", tmp_path / "missing"], "is not a model directory"),
     ]

@@ -10,10 +10,12 @@ import pytest
 import torch
 import transformers as T
 
+from test_pair_rm import save_pair_rm
 from tiny_world import MODEL, WORDS, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import winrate  # noqa: E402
+from minidpo.pair_rm import PairRMJudge  # noqa: E402
 
 
 def test_wilson_interval_known_values():
@@ -77,3 +79,17 @@ def test_model_against_reference_file(world, tmp_path, capsys):
     rate, _, _, n, ties = printed(capsys)
     assert (n, ties) == (10 - empty, empty)
     assert rate == pytest.approx(100 * 7 / n, abs=0.005)
+
+
+def test_pair_rm_judge(world, tmp_path, capsys):
+    """--judge pair_rm --judge_model DIR: the saved winners are PairRM's verdicts on the saved texts."""
+    save_pair_rm(tmp_path / "pair_rm")
+    out = tmp_path / "judgments.jsonl"
+    assert winrate.main(["--model_name_or_path", world["a"], "--baseline_model", world["b"], "--prompts",
+                         str(world["prompts"]), "--num_prompts", "6", "--max_new_tokens", "8", "--device", "cpu",
+                         "--judge", "pair_rm", "--judge_model", str(tmp_path / "pair_rm"), "--output", str(out)]) == 0
+    rate, low, high, n, ties = printed(capsys)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    judge = PairRMJudge.from_pretrained(str(tmp_path / "pair_rm"))
+    verdicts = judge.judge([r["prompt"] for r in rows], [(r["model"], r["baseline"]) for r in rows])
+    assert [r["winner"] for r in rows] == [("model", "baseline")[v] for v in verdicts] and n + ties == 6
