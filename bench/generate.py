@@ -15,7 +15,9 @@ at these lengths.)
 """
 
 import argparse
+import collections
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,7 +29,7 @@ import transformers
 
 import minidpo
 from minidpo.checkpoint import resolve
-from minidpo.cpu import linear
+from minidpo import cpu
 from minidpo.sampler import Sampler
 
 PROMPTS = [
@@ -105,11 +107,12 @@ def timed(fn, device):
 
 
 def matmul_flops_per_s(dtype, device):
-    """Best throughput of a large square matmul, through torch.mm or minidpo's linear (oneDNN for
-    fp32 on CPU, where it outruns torch.mm), whichever is faster: what the machine's matmul units can do."""
+    """Best throughput of a large square matmul, through torch.mm or (CPU) oneDNN's linear, whichever
+    is faster: what the machine's matmul units can do."""
     n = 4096 if device.startswith("cuda") else 1024
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-    best = min(timed(product, device)[0] for product in (lambda: a @ b, lambda: linear(a, b)) for _ in range(10))
+    onednn = cpu.PATHS["onednn"] if device == "cpu" and cpu._onednn_linear is not None else torch.mm
+    best = min(timed(product, device)[0] for product in (lambda: a @ b, lambda: onednn(a, b)) for _ in range(10))
     return 2 * n**3 / best
 
 
@@ -128,6 +131,14 @@ def cpu_name():
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "cpu"
+
+
+def matmul_choice():
+    """What minidpo's fp32 CPU linears ran on: MINIDPO_CPU_MATMUL, and with auto how many shape
+    classes chose each path (minidpo/cpu.py)."""
+    setting = os.environ.get("MINIDPO_CPU_MATMUL", "auto")
+    counts = collections.Counter(cpu.choices().values())
+    return setting if setting != "auto" else "auto (" + ", ".join(f"{p} {counts[p]}" for p in cpu.PATHS) + " shape classes)"
 
 
 def main():
@@ -203,7 +214,8 @@ def main():
     graphs = "n/a" if not args.device.startswith("cuda") else "off" if args.no_cuda_graphs else "on"
     print(f"model {args.shape or args.model} | {args.device} ({device_name}) | {args.dtype} | threads {args.threads}"
           f" | cuda graphs {graphs} | compile {'on' if args.compile else 'off'}")
-    print(f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()}")
+    print(f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()}"
+          f" | {time.strftime('%Y-%m-%d')}" + (f" | fp32 matmul {matmul_choice()}" if args.device == "cpu" else ""))
     print(f"{len(PROMPTS)} prompts x {SAMPLES} samples x {NEW_TOKENS} tokens, temperature {TEMPERATURE}, top_k 0,"
           f" top_p 1.0; medians of {args.repeats}; floor: {floor_note}")
     print(f"{'':14}{'tokens/s':>10}{'s/run':>8}{'of floor':>10}{'b1 ms/tok':>11}{'b1 of floor':>13}")
@@ -226,7 +238,8 @@ def main():
             "b1_ratio": b1_ratio,
             "model": args.shape or args.model, "device": args.device, "device_name": device_name,
             "dtype": args.dtype, "threads": args.threads, "cuda_graphs": graphs, "compile": args.compile,
-            "repeats": args.repeats, "torch": torch.__version__, "transformers": transformers.__version__,
+            "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"), "cpu_matmul": matmul_choice(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
         }))
 
 

@@ -155,6 +155,7 @@ def parse_args():
 
 def run_minidpo(args, workdir):
     import torch
+    from minidpo import cpu
     from minidpo.config import parse_args as minidpo_args
     from minidpo.trainer import Trainer
 
@@ -195,8 +196,12 @@ def run_minidpo(args, workdir):
         if i:  # step 0 is the warm-up
             steps.append(seconds)
             breakdown.append({**parts, "rest": seconds - sum(parts.values())})
+    choices = list(cpu.choices().values())
+    matmul = os.environ.get("MINIDPO_CPU_MATMUL", "auto")
+    if matmul == "auto":  # how many shape classes chose each path (minidpo/cpu.py)
+        matmul += " (" + ", ".join(f"{p} {choices.count(p)}" for p in cpu.PATHS) + " shape classes)"
     return {"steps": steps, "breakdown": breakdown, "tokens": tokens[1:], **peaks(),
-            "versions": {"torch": torch.__version__}}
+            "versions": {"torch": torch.__version__}, "cpu_matmul": matmul}
 
 
 def run_trl(args, workdir):
@@ -322,6 +327,7 @@ def main():
     print(f"{args.batch} prompts x 2 completions x <= {args.new_tokens} new tokens, max_length {args.max_length}, "
           f"temperature {TEMPERATURE}, {reward}; medians of {n} steps ({args.rounds} rounds x {args.steps}, "
           f"1 warm-up each)" + ("; TRL with minidpo's glibc setting" if args.trl_keep_freed_memory else ""))
+    print(f"{time.strftime('%Y-%m-%d')} | minidpo's fp32 CPU matmul: {runs['minidpo'][0]['cpu_matmul']}")
     gpu = memory == "gpu_peak_mb"
     print(f"{'':10}{'s/step':>8}{'min':>7}{'max':>7}{'peak MB':>9}" + (f"{'GPU peak MB':>13}" if gpu else "")
           + f"{'tokens/completion':>19}")
@@ -344,7 +350,8 @@ def main():
             "batch": args.batch, "max_new_tokens": args.new_tokens, "max_length": args.max_length,
             "temperature": TEMPERATURE, "reward": args.reward, "bf16": args.bf16, "shape": args.shape,
             "trl_keep_freed_memory": args.trl_keep_freed_memory, "threads": args.threads, "steps": n,
-            "model": args.shape or MODEL, "device_name": device, **versions,
+            "model": args.shape or MODEL, "device_name": device, **versions, "date": time.strftime("%Y-%m-%d"),
+            "cpu_matmul": [r["cpu_matmul"] for r in runs["minidpo"]],
         }))
 
 

@@ -1,11 +1,17 @@
 """Two things that make minidpo fast on CPU, each measured in bench/RESULTS.md.
 
-1. fp32 linear layers through oneDNN. PyTorch's CPU build hands fp32 matmuls to MKL's sgemm,
-   which on AMD CPUs runs kernels far below the machine's peak; oneDNN, which PyTorch already
-   uses for bf16, generates kernels for the CPU it runs on. On the 2-core AMD EPYC of the results
-   the fp32 products of SmolLM2's layers ran 2-2.7x faster through it, forward and both backward
-   products alike, at fp32 accuracy. linear() is F.linear with that one difference; everything
-   else (CUDA, bf16, autocast, float64) goes to F.linear unchanged.
+1. fp32 linear layers through the faster of two GEMM libraries for each shape, found by timing.
+   PyTorch's CPU build hands fp32 matmuls to MKL's sgemm; oneDNN, which PyTorch already uses for
+   bf16, generates kernels for the CPU it runs on. Which one is faster depends on the CPU and the
+   shape (on the 2-core AMD EPYC of the results oneDNN, up to 2x on decode rows and the vocabulary
+   projection; on Intel Xeons MKL, most at batch 1), so neither is assumed: each shape class (rows,
+   in and out features rounded up to powers of two, and which operands are transposed views) times
+   its own first products. The two paths take turns; after one warm-up call each (oneDNN builds its
+   kernel then) the path with the least time per FLOP over SAMPLES calls serves the class for the
+   rest of the process. Both are fp32 products that differ by rounding only. MINIDPO_CPU_MATMUL=
+   onednn|mkl fixes the path (runs that must repeat bit for bit, benchmarks); auto is the default.
+   linear() is F.linear with that one difference: CUDA, bf16, autocast and float64 go to F.linear
+   unchanged (bf16 runs through oneDNN there already).
 
 2. Freed memory kept for reuse (keep_freed_memory). glibc serves every allocation over 32 MiB
    with a fresh mmap and unmaps it on free, so each training step's large tensors (a chunk of
@@ -14,22 +20,62 @@
 """
 
 import ctypes
+import math
+import os
 import platform
+import time
 
 import torch
 import torch.nn.functional as F
 
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+PATHS = {"onednn": lambda x, weight, bias=None: _onednn_linear(x, weight, bias, "none", [], ""), "mkl": F.linear}
+SAMPLES = 3  # timed calls per path and shape class, after one warm-up call each
+_trials: dict[tuple, dict[str, list[float]]] = {}  # shape class -> path -> seconds per FLOP of each call
+_chosen: dict[tuple, str] = {}  # shape class -> the faster path, once the trials are done
+_clock = time.perf_counter
+
+
+def shape_class(x, weight) -> tuple:
+    """(rows, in, out) of x [..., in] @ weight [out, in]^T, each rounded up to a power of two, and
+    whether x and weight have unit stride along `in` (a transposed view is another product)."""
+    rows = math.prod(x.shape[:-1])
+    return (*(1 << max(n - 1, 0).bit_length() for n in (rows, *weight.shape)), x.stride(-1) == 1, weight.stride(-1) == 1)
+
+
+def faster(trials: dict[str, list[float]]) -> str:
+    """The path whose best timed call (each path's first call, the warm-up, left out) took least."""
+    return min(trials, key=lambda path: min(trials[path][1:]))
 
 
 def _mm(x, weight, bias=None):
-    """x [..., in] @ weight [out, in]^T (+ bias) in one oneDNN call; either may be a strided view."""
-    return _onednn_linear(x, weight, bias, "none", [], "")
+    """x [..., in] @ weight [out, in]^T (+ bias) on the path of its shape class; either may be a strided view."""
+    setting = os.environ.get("MINIDPO_CPU_MATMUL", "auto")
+    if setting != "auto":
+        if setting not in PATHS:
+            raise ValueError(f"MINIDPO_CPU_MATMUL must be auto, onednn or mkl, not {setting!r}")
+        return PATHS[setting](x, weight, bias)
+    key = shape_class(x, weight)
+    if key in _chosen:
+        return PATHS[_chosen[key]](x, weight, bias)
+    trials = _trials.setdefault(key, {path: [] for path in PATHS})
+    path = min(trials, key=lambda p: len(trials[p]))  # the paths take turns
+    start = _clock()
+    out = PATHS[path](x, weight, bias)
+    trials[path].append((_clock() - start) / max(1, x.numel() * weight.shape[0]))
+    if all(len(times) > SAMPLES for times in trials.values()):
+        _chosen[key] = faster(_trials.pop(key))
+    return out
+
+
+def choices() -> dict[tuple, str]:
+    """The path chosen so far for each shape class (see shape_class)."""
+    return dict(_chosen)
 
 
 class _Linear(torch.autograd.Function):
-    """oneDNN's linear op has no backward; the two backward products are oneDNN linears too,
-    on transposed views:  y = x W^T + b,  dL/dx = g W,  dL/dW = g^T x,  dL/db = sum of g over rows."""
+    """oneDNN's linear op has no backward; the two backward products go through _mm too, on
+    transposed views:  y = x W^T + b,  dL/dx = g W,  dL/dW = g^T x,  dL/db = sum of g over rows."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -51,15 +97,15 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether linear(x, weight) takes the oneDNN path: fp32 on CPU, outside autocast."""
+def chooses_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear(x, weight) chooses between oneDNN and MKL: fp32 on CPU, outside autocast."""
     return (_onednn_linear is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias), through oneDNN for fp32 on CPU."""
-    if not uses_onednn(x, weight):
+    """F.linear(x, weight, bias), for fp32 on CPU through the faster of oneDNN and MKL (_mm)."""
+    if not chooses_path(x, weight):
         return F.linear(x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return _Linear.apply(x, weight, bias) if needs_grad else _mm(x, weight, bias)

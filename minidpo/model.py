@@ -134,7 +134,7 @@ def recompute_in_backward(fn, x):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose fp32 CPU products run through oneDNN (cpu.py); the same parameters."""
+    """nn.Linear whose fp32 CPU products take the faster of oneDNN and MKL (cpu.py); the same parameters."""
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)

@@ -1,4 +1,5 @@
-"""cpu.py: the oneDNN linear against float64 products, and the allocator setting."""
+"""cpu.py: both matmul paths against float64 products, the choice between them with a fake
+clock, and the allocator setting."""
 
 import platform
 import subprocess
@@ -11,17 +12,30 @@ import torch.nn.functional as F
 from minidpo import cpu
 
 
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """No shape class timed or chosen yet, and the default setting."""
+    monkeypatch.setattr(cpu, "_trials", {})
+    monkeypatch.setattr(cpu, "_chosen", {})
+    monkeypatch.delenv("MINIDPO_CPU_MATMUL", raising=False)
+
+
+@pytest.mark.parametrize("path", ["onednn", "mkl"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_onednn_linear_forward_and_backward_match_float64(bias):
+def test_each_path_matches_f_linear_in_float64_forward_and_backward(bias, path, monkeypatch):
+    monkeypatch.setenv("MINIDPO_CPU_MATMUL", path)
+    taken = []
+    monkeypatch.setitem(cpu.PATHS, path, lambda *a, f=cpu.PATHS[path]: taken.append(path) or f(*a))
     torch.manual_seed(0)
     # 3-d input with a transposed (strided) layout, as attention hands its output to the projection.
     x = torch.randn(2, 16, 7).transpose(1, 2).requires_grad_()
     weight = torch.randn(24, 16, requires_grad=True)
     b = torch.randn(24, requires_grad=True) if bias else None
-    assert cpu.uses_onednn(x, weight)
+    assert cpu.chooses_path(x, weight)
     y = cpu.linear(x, weight, b)
     upstream = torch.randn(y.shape)
     got = torch.autograd.grad((y * upstream).sum(), [t for t in (x, weight, b) if t is not None])
+    assert taken == [path] * 3  # forward, dL/dx, dL/dW
 
     exact = [t.detach().double().requires_grad_() for t in (x, weight, b) if t is not None]
     y64 = F.linear(*exact)
@@ -51,6 +65,90 @@ def test_everything_else_goes_to_f_linear(monkeypatch):
     assert calls == []
     cpu.linear(x, weight)
     assert len(calls) == 1
+
+
+class FakeClock:
+    """A clock that only the fake paths move: each call of a path takes seconds(path, x, weight)."""
+
+    def __init__(self, monkeypatch, seconds):
+        self.now, self.calls = 0.0, []
+        monkeypatch.setattr(cpu, "_clock", lambda: self.now)
+        for path in list(cpu.PATHS):
+            monkeypatch.setitem(cpu.PATHS, path, self.path(path, seconds))
+
+    def path(self, name, seconds):
+        def run(x, weight, bias=None):
+            self.now += seconds(name, x, weight)
+            self.calls.append(name)
+            return F.linear(x, weight, bias)
+        return run
+
+
+def test_the_faster_path_is_kept_after_the_trials(fresh_choice, monkeypatch):
+    clock = FakeClock(monkeypatch, lambda path, x, w: {"onednn": 2.0, "mkl": 1.0}[path])
+    x, weight = torch.randn(4, 8), torch.randn(3, 8)
+    for _ in range(2 * (cpu.SAMPLES + 1) + 5):
+        torch.testing.assert_close(cpu.linear(x, weight), F.linear(x, weight))
+    trials = clock.calls[: 2 * (cpu.SAMPLES + 1)]
+    assert trials == ["onednn", "mkl"] * (cpu.SAMPLES + 1)  # taking turns
+    assert clock.calls[len(trials):] == ["mkl"] * 5
+    assert cpu.choices() == {cpu.shape_class(x, weight): "mkl"}
+
+
+def test_the_warm_up_call_is_not_counted(fresh_choice, monkeypatch):
+    # oneDNN's first call builds its kernel (slow); afterwards it is the faster path.
+    first = []
+    def seconds(path, x, w):
+        warm_up = path not in first
+        first.append(path)
+        return {"onednn": 100.0 if warm_up else 1.0, "mkl": 2.0}[path]
+    FakeClock(monkeypatch, seconds)
+    x, weight = torch.randn(4, 8), torch.randn(3, 8)
+    for _ in range(2 * (cpu.SAMPLES + 1)):
+        cpu.linear(x, weight)
+    assert set(cpu.choices().values()) == {"onednn"}
+
+
+def test_time_is_compared_per_flop_within_a_class(fresh_choice, monkeypatch):
+    # Rows 5..8 share a class; mkl happens to get the larger products but is faster per FLOP.
+    FakeClock(monkeypatch, lambda path, x, w: x.numel() * w.shape[0] * {"onednn": 1.0, "mkl": 0.9}[path])
+    weight = torch.randn(3, 8)
+    for i in range(2 * (cpu.SAMPLES + 1)):
+        cpu.linear(torch.randn(5 + i % 2 * 3, 8), weight)  # onednn gets 5 rows, mkl 8
+    assert set(cpu.choices().values()) == {"mkl"}
+
+
+def test_shape_classes_decode_prefill_vocabulary_and_backward_choose_apart(fresh_choice, monkeypatch):
+    # A CPU where MKL wins at one row and oneDNN everywhere else.
+    FakeClock(monkeypatch, lambda path, x, w: {"onednn": 2.0, "mkl": 1.0}[path] if x.numel() == x.shape[-1]
+              else {"onednn": 1.0, "mkl": 2.0}[path])
+    hidden, vocab = 16, 100
+    weight, head = torch.randn(24, hidden, requires_grad=True), torch.randn(vocab, hidden)
+    for _ in range(2 * (cpu.SAMPLES + 1)):
+        for rows in (1, 9, 40):
+            x = torch.randn(rows, hidden, requires_grad=True)
+            cpu.linear(x, weight).backward(torch.randn(rows, 24))
+            cpu.linear(x, head)
+    picks = cpu.choices()
+    # Three row counts x (layer forward, dL/dx, dL/dW, head forward); dL/dW at one row has one row
+    # of x in the product's inner dimension, not its rows.
+    assert len(picks) == 12, picks
+    assert picks[cpu.shape_class(torch.empty(1, hidden), weight)] == "mkl"
+    assert picks[cpu.shape_class(torch.empty(1, hidden), head)] == "mkl"
+    assert picks[cpu.shape_class(torch.empty(1, 24), weight.t())] == "mkl"  # dL/dx at one row
+    assert picks[cpu.shape_class(torch.empty(9, hidden), weight)] == "onednn"
+    assert picks[cpu.shape_class(torch.empty(40, hidden), head)] == "onednn"
+
+
+def test_a_fixed_path_skips_the_trials_and_a_bad_setting_names_the_variable(fresh_choice, monkeypatch):
+    clock = FakeClock(monkeypatch, lambda path, x, w: 1.0)
+    monkeypatch.setenv("MINIDPO_CPU_MATMUL", "mkl")
+    for _ in range(3):
+        cpu.linear(torch.randn(4, 8), torch.randn(3, 8))
+    assert clock.calls == ["mkl"] * 3 and cpu.choices() == {} and cpu._trials == {}
+    monkeypatch.setenv("MINIDPO_CPU_MATMUL", "blas")
+    with pytest.raises(ValueError, match="MINIDPO_CPU_MATMUL must be auto, onednn or mkl, not 'blas'"):
+        cpu.linear(torch.randn(4, 8), torch.randn(3, 8))
 
 
 FAULTS_OF_LATER_STEPS = """
