@@ -107,10 +107,12 @@ def gathered(model: torch.nn.Module):
 
 def full_state_dict(model: torch.nn.Module) -> dict:
     """The whole model's state dict, gathered to rank 0's CPU memory (an empty dict on the other
-    ranks). Every rank must call it: the gather is a collective."""
+    ranks); frozen weights (LoRA's base) are left out when sharded. Every rank must call it: the
+    gather is a collective."""
     if not fsdp_units(model):
         return model.state_dict()
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .cpu import keep_freed_memory
 from .data import PromptSampler, load_prompts
 from .distributed import all_reduce_sum, gathered, init_distributed, shard
 from .judges import Preference, RewardModel
+from .lora import LoraSpec, add_adapters, adapters_disabled, model_dtype
 from .loss import dpo_loss, online_dpo_metrics
 from .outputs import Checkpoints, model_card, push_to_hub, save_final
 from .packing import pack_pairs
@@ -101,7 +102,7 @@ class Trainer:
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, self.total_steps))
@@ -115,14 +116,19 @@ class Trainer:
     def build(self, model_dir) -> list:
         """The policy, its frozen reference, the sampler and the preference; returns the prompts."""
         cfg, device = self.cfg, self.dist.device
-        self.policy = load_model(str(model_dir), device=device)
-        # The frozen reference pi_ref, in the policy's dtype and under the same autocast, so that the
-        # two agree exactly (KL 0) before the first step.
-        self.reference = load_model(str(model_dir), device=device).requires_grad_(False)
+        dtype = model_dtype(cfg.torch_dtype, model_dir)
+        self.policy = load_model(str(model_dir), dtype=dtype, device=device)
+        if cfg.use_peft:  # the reference is the policy with its adapters off (reference_logps)
+            add_adapters(self.policy, LoraSpec(cfg.lora_r, cfg.lora_alpha, 0.0 if cfg.disable_dropout else cfg.lora_dropout,
+                                               cfg.lora_target_modules, cfg.use_rslora, cfg.model_name_or_path))
+            self.reference = None
+        else:  # the frozen reference pi_ref, in the policy's dtype and under the same autocast, so
+            # that the two agree exactly (KL 0) before the first step
+            self.reference = load_model(str(model_dir), dtype=dtype, device=device).requires_grad_(False)
+            shard(self.reference, self.dist, cfg.bf16, frozen=True)
         # With several processes both are sharded (FSDP2) before the optimizer sees the policy's
         # parameters; the reference has no gradients and no optimizer state, only its shards.
         shard(self.policy, self.dist, cfg.bf16)
-        shard(self.reference, self.dist, cfg.bf16, frozen=True)
         self.sampler = Sampler(self.policy, cuda_graphs=cfg.cuda_graphs, dtype=torch.bfloat16 if cfg.bf16 else None)
         if device.type == "cuda":  # size the cache for the longest sequence now: growing it recaptures graphs
             with gathered(self.policy):
@@ -229,8 +235,7 @@ class Trainer:
                       logits_to_keep=packed.predicting, targets=packed.targets)  # log-probs, never the full logits
         with self.autocast:
             # The reference first: its passing tensors are freed before the policy's activations pile up.
-            with torch.no_grad():
-                ref_logps = self.reference(**inputs)
+            ref_logps = self.reference_logps(inputs)
             logps = self.policy(**inputs)
         # [B, 2C] token log-probs (chosen | rejected) -> [B, 2] sums over each completion's tokens
         seq, ref_seq = (logps.view(B, 2, C) * mask).sum(-1), (ref_logps.view(B, 2, C) * mask).sum(-1)
@@ -245,6 +250,14 @@ class Trainer:
         metrics["judge/undecided"] = ((~rollout.decided).float().sum(), one * B)
         metrics["completions/tokens"] = (mask.sum().float(), one)
         return metrics
+
+    @torch.no_grad()
+    def reference_logps(self, inputs: dict) -> torch.Tensor:
+        """Token log-probs under pi_ref: the frozen reference model, or with LoRA the policy with its adapters off."""
+        if self.reference is not None:
+            return self.reference(**inputs)
+        with adapters_disabled(self.policy):
+            return self.policy(**inputs)
 
     def update(self) -> torch.Tensor:
         """Clip, step AdamW and the schedule; returns the gradient norm before clipping."""
