@@ -33,7 +33,9 @@ from .lora import write_adapter
 # Without a process group (one process), DCP warns at every save and load that it assumes one process:
 # that is the intent, and the warning's two lines would bury the log and the one-line errors.
 DCP_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
-TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)  # resuming needs no frozen weights (LoRA's base)
+# Resuming needs no frozen weights (LoRA's base). Not strict when setting, as the frozen ones are
+# absent; DCP's load has already failed on any trained weight missing from the checkpoint.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class Checkpoints:

@@ -8,11 +8,17 @@ import json
 import peft
 import pytest
 import torch
+import torch.distributed.checkpoint
 import transformers as T
+from safetensors.torch import load_file
+
+import train
 
 import minidpo
 from minidpo import lora
-from tiny_world import save_tokenizer
+from minidpo.config import parse_args
+from minidpo.trainer import Trainer
+from tiny_world import MODEL, WORDS, save_model, save_tokenizer
 from minidpo.lora import LoraSpec, adapters_disabled, add_adapters, load_adapter, merge_adapters, write_adapter
 
 COMMON = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -155,3 +161,86 @@ def test_merge_command_writes_the_merged_model(tmp_path, family):
         expected = merged_by_peft(IDS).logits
         torch.testing.assert_close(merged_by_us(IDS).logits, expected, **TOL)
         torch.testing.assert_close(model(IDS), expected, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the trainer: --use_peft.
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    model = save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2)))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(WORDS[(i * 7 + j * 3) % 60] for j in range(4))}) + "\n"
+                               for i in range(16)))
+    return model, prompts
+
+
+def lora_argv(world, out, *extra):
+    return [str(a) for a in ["--model_name_or_path", world[0], "--dataset_name", world[1], "--output_dir", out,
+                             "--max_new_tokens", 8, "--max_length", 64, "--logging_steps", 1, "--save_steps", 0,
+                             "--reward_funcs", "minidpo.judges:brevity", "--per_device_train_batch_size", 4,
+                             "--learning_rate", 1e-2, "--use_peft", "--lora_r", 4, *extra]]
+
+
+def test_trainer_trains_only_the_adapters_against_the_base(world, tmp_path):
+    out = tmp_path / "out"
+    t = Trainer(parse_args(lora_argv(world, out, "--max_steps", 3, "--lora_target_modules", "q_proj", "up_proj")))
+    assert t.reference is None
+    optimized = {id(p) for group in t.optimizer.param_groups for p in group["params"]}
+    names = [n for n, p in t.policy.named_parameters() if id(p) in optimized]
+    assert len(names) == 2 * 2 * 2 and all(".lora_" in n for n in names)  # 2 layers x (q, up) x (A, B)
+    t.train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] != 0.0  # the reference is the base
+
+    base = minidpo.load_model(str(world[0]))
+    state = t.policy.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in base.state_dict().items())  # base bytes kept
+    with adapters_disabled(t.policy), torch.no_grad():
+        torch.testing.assert_close(t.policy(IDS % 70), base(IDS % 70), rtol=0, atol=0)
+
+    # The output is a PEFT adapter (no full model) that PEFT loads on the transformers base.
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert not (out / "model.safetensors").exists()
+    theirs = peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(world[0]), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(t.policy(IDS % 70), theirs(IDS % 70).logits, **TOL)
+
+
+def test_resume_with_lora_gives_the_straight_run_and_keeps_no_base_weights(world, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    argv = ["--max_steps", 4, "--save_steps", 2]
+    assert train.main(lora_argv(world, straight, *argv)) == 0
+    train_step = Trainer.train_step
+
+    def crash_at_step_3(self, batches):
+        if self.step == 2:
+            raise RuntimeError("simulated crash")
+        return train_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_3)
+    assert train.main(lora_argv(world, resumed, *argv)) == 1
+    monkeypatch.undo()
+    checkpoint = resumed / "checkpoint-2"
+    saved = torch.distributed.checkpoint.FileSystemReader(checkpoint / "state").read_metadata().state_dict_metadata
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys)  # only what resuming needs
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert train.main(lora_argv(world, resumed, *argv, "--resume_from_checkpoint", checkpoint)) == 0
+    ours, theirs = (load_file(d / "adapter_model.safetensors") for d in (resumed, straight))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("flag, says", [("--use_dora", "DoRA is not supported"),
+                                        ("--load_in_8bit", "quantised training"),
+                                        ("--load_in_4bit", "quantised training")])
+def test_unsupported_lora_flags_exit_with_one_line(world, tmp_path, capsys, flag, says):
+    with pytest.raises(SystemExit) as exit:
+        train.main(lora_argv(world, tmp_path, flag))
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and says in err[0]
