@@ -3,7 +3,10 @@ family: adapters saved by either load in the other with equal logits, one step's
 equal, merging equals PEFT's merge; and in the trainer: the reference is the base model (KL 0
 before the first step), only the adapters train, the output loads in PEFT."""
 
+import io
 import json
+import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -13,12 +16,16 @@ import transformers as T
 from safetensors.torch import load_file
 
 import train
+from minidpo import chat
 
 import minidpo
 from minidpo import lora
 from minidpo.config import parse_args
 from minidpo.trainer import Trainer
 from tiny_world import MODEL, WORDS, save_model, save_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import winrate  # noqa: E402
 from minidpo.lora import LoraSpec, adapters_disabled, add_adapters, load_adapter, merge_adapters, write_adapter
 
 COMMON = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -244,3 +251,23 @@ def test_unsupported_lora_flags_exit_with_one_line(world, tmp_path, capsys, flag
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0] and says in err[0]
+
+
+def test_chat_and_winrate_take_an_adapter_directory(world, tmp_path, monkeypatch, capfd):
+    ours = our_adapter(world[0], ["q_proj", "v_proj"])
+    (tmp_path / "adapter").mkdir()
+    write_adapter(ours.state_dict(), ours, tmp_path / "adapter")
+    assert lora.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+
+    def greedy_reply(model_dir):
+        model, tokenizer = lora.load_pretrained_or_adapter(str(model_dir))
+        return chat.Chat(model.eval(), tokenizer, temperature=0, max_new_tokens=6).reply("hello world", io.StringIO())
+
+    assert greedy_reply(tmp_path / "adapter") == greedy_reply(tmp_path / "merged") != greedy_reply(world[0])
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello world\n"))
+    assert chat.main(["--model_name_or_path", str(tmp_path / "adapter"), "--device", "cpu"]) == 0
+    # Greedy answers of the adapter and of its merged model: every pair a tie.
+    assert winrate.main(["--model_name_or_path", str(tmp_path / "adapter"), "--baseline_model",
+                         str(tmp_path / "merged"), "--prompts", str(world[1]), "--max_new_tokens", "6",
+                         "--device", "cpu", "--judge", "shorter"]) == 0
+    assert "n=0, ties=16" in capfd.readouterr().out
