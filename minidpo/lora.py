@@ -15,9 +15,11 @@ beside them (layers.0.attn.qkv.lora_A.q_proj). PEFT names a tensor after the Hug
 (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight); checkpoint.tensor_plan relates
 the two. GPT-NeoX's query_key_value interleaves heads (checkpoint.py): B's rows are reordered.
 
-Generation adds the low-rank products at every decode step rather than merging them into W for
-the rollout: the step costs about the same (bench/RESULTS.md) and W is never rewritten, so its
-bytes stay the base model's and no copy of it is needed to undo a merge.
+Rollouts run with the adapters merged into W (adapters_merged): on CPU that decodes 1.2x (q, v)
+to 1.5x (all linear layers) faster than adding the low-rank products at every step
+(bench/RESULTS.md). The adapted rows of W are copied first and copied back after (W + BA - BA is
+not W in floating point), so W's bytes stay the base model's; under FSDP the merge touches only
+the gathered copy. W keeps its address, so CUDA graphs captured inside the merge stay valid.
 """
 
 import argparse
@@ -148,6 +150,33 @@ def adapters_disabled(model: nn.Module):
             layer.enabled = True
 
 
+def low_rank_update(layer: LoraLinear, s: str) -> torch.Tensor:
+    """scale * B_s A_s [rows_s, in], in the weight's dtype: what merging adds to slice s of W."""
+    return (layer.scale * layer.lora_B[s] @ layer.lora_A[s]).to(layer.weight.dtype)
+
+
+@contextmanager
+def adapters_merged(model: nn.Module):
+    """For the block's duration the adapters are merged into the weights and switched off (a
+    rollout's decoding runs at the base model's speed); the adapted rows are restored exactly after."""
+    layers, saved = lora_layers(model).values(), []
+    with torch.no_grad():
+        for layer in layers:
+            for s, (_, start, rows) in layer.slices.items():
+                weight = layer.weight[start:start + rows]
+                saved.append((weight, weight.clone()))
+                weight += low_rank_update(layer, s)
+            layer.enabled = False
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+        for layer in layers:
+            layer.enabled = True
+
+
 def peft_tensors(state: dict, model: Transformer) -> dict[str, torch.Tensor]:
     """The adapter tensors of a minidpo state dict (e.g. full_state_dict's) under PEFT's names."""
     out = {}
@@ -207,8 +236,7 @@ def merge_adapters(model: Transformer) -> Transformer:
     """W[rows of s] += scale * B_s A_s for every adapter, each layer then a plain Linear again."""
     for name, layer in lora_layers(model).items():
         for s, (_, start, rows) in layer.slices.items():
-            delta = layer.scale * layer.lora_B[s] @ layer.lora_A[s]
-            layer.weight[start:start + rows] += delta.to(layer.weight.dtype)
+            layer.weight[start:start + rows] += low_rank_update(layer, s)
         plain = Linear(layer.weight.shape[1], layer.weight.shape[0], bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
         parent, _, child = name.rpartition(".")

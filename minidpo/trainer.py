@@ -36,7 +36,7 @@ from .cpu import keep_freed_memory
 from .data import PromptSampler, load_prompts
 from .distributed import all_reduce_sum, gathered, init_distributed, shard
 from .judges import Preference, RewardModel
-from .lora import LoraSpec, add_adapters, adapters_disabled, model_dtype
+from .lora import LoraSpec, adapters_disabled, adapters_merged, add_adapters, model_dtype
 from .loss import dpo_loss, online_dpo_metrics
 from .outputs import Checkpoints, model_card, push_to_hub, save_final
 from .packing import pack_pairs
@@ -131,7 +131,7 @@ class Trainer:
         shard(self.policy, self.dist, cfg.bf16)
         self.sampler = Sampler(self.policy, cuda_graphs=cfg.cuda_graphs, dtype=torch.bfloat16 if cfg.bf16 else None)
         if device.type == "cuda":  # size the cache for the longest sequence now: growing it recaptures graphs
-            with gathered(self.policy):
+            with gathered(self.policy), adapters_merged(self.policy):  # as every rollout will run
                 self.sampler.reserve(2 * cfg.per_device_train_batch_size, cfg.max_length)
         # Each rank samples from its own seeded generator, saved in checkpoints so a resumed run
         # draws the same completions as an uninterrupted one.
@@ -199,7 +199,8 @@ class Trainer:
 
     def collect(self, micro_batches: list) -> list[Rollout]:
         # Under FSDP: the policy's full weights once for the step's rollouts, not once per token.
-        with gathered(self.policy):
+        # With LoRA, the adapters merged into them (lora.py: faster decoding).
+        with gathered(self.policy), adapters_merged(self.policy):
             return [self.rollout(batch, self.cfg.beta[min(epoch, len(self.cfg.beta) - 1)])
                     for epoch, batch in micro_batches]  # a list of betas gives one per epoch
 

@@ -21,6 +21,7 @@ from minidpo import chat
 import minidpo
 from minidpo import lora
 from minidpo.config import parse_args
+from minidpo.sampler import Sampler
 from minidpo.trainer import Trainer
 from tiny_world import MODEL, WORDS, save_model, save_tokenizer
 
@@ -271,3 +272,21 @@ def test_chat_and_winrate_take_an_adapter_directory(world, tmp_path, monkeypatch
                          str(tmp_path / "merged"), "--prompts", str(world[1]), "--max_new_tokens", "6",
                          "--device", "cpu", "--judge", "shorter"]) == 0
     assert "n=0, ties=16" in capfd.readouterr().out
+
+
+def test_a_merged_rollout_generates_as_the_adapters_and_restores_the_base_bytes(tmp_path):
+    _, base_dir = base_model(tmp_path, "llama")
+    model = our_adapter(base_dir, ["q_proj", "v_proj", "up_proj", "down_proj"])
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    ids, mask = IDS[:, :5], torch.ones_like(IDS[:, :5])
+    sampler = Sampler(model, cuda_graphs=False)
+    with torch.no_grad():
+        expected = model(IDS)
+        with lora.adapters_merged(model):
+            torch.testing.assert_close(model(IDS), expected, **TOL)
+            merged = sampler.generate(ids, mask, max_new_tokens=6, temperature=0)
+        per_step = sampler.generate(ids, mask, max_new_tokens=6, temperature=0)
+        with adapters_disabled(model):
+            base = sampler.generate(ids, mask, max_new_tokens=6, temperature=0)
+    assert torch.equal(merged.ids, per_step.ids) and not torch.equal(merged.ids, base.ids)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())  # exactly restored
