@@ -1,25 +1,16 @@
 """LoRA (Hu et al. 2021) on minidpo's own layers, saved and loaded in PEFT's file layout.
 
-An adapted linear layer keeps its frozen weight W and adds a trained low-rank update to some
-slices s of its output features (q_proj and v_proj of the fused q/k/v layer, say):
+An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output
+columns of each adapted slice s (q_proj and v_proj of the fused q/k/v layer, say),
+scale * (x A_s^T) B_s^T with A_s [r, in], B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)).
+B starts at zero, so training starts exactly at the base model, which is also the reference:
+the same layers with the adapters off. Adapters sit beside the weights (layers.0.attn.qkv.lora_A.q_proj);
+PEFT names them after the HF module (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight),
+and checkpoint.tensor_plan relates the two (GPT-NeoX's interleaved query_key_value: B's rows reordered).
 
-    y = x W^T + b,   then   y[..., rows of s] += scale * (x A_s^T) B_s^T   for each adapted s
-
-with A_s [r, in] and B_s [rows_s, r], scale = alpha / r (rsLoRA: alpha / sqrt(r)). W is never
-split, copied or changed; an unadapted slice (k_proj) costs nothing. B starts at zero (and A
-Kaiming-uniform, as PEFT), so training starts from the base model exactly, and the base model is
-the same layers with the adapters switched off: the reference of online DPO costs no memory.
-
-Names: minidpo's parameters stay where they were (layers.0.attn.qkv.weight) and the adapters sit
-beside them (layers.0.attn.qkv.lora_A.q_proj). PEFT names a tensor after the Hugging Face module
-(base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight); checkpoint.tensor_plan relates
-the two. GPT-NeoX's query_key_value interleaves heads (checkpoint.py): B's rows are reordered.
-
-Rollouts run with the adapters merged into W (adapters_merged): on CPU that decodes 1.2x (q, v)
-to 1.5x (all linear layers) faster than adding the low-rank products at every step
-(bench/RESULTS.md). The adapted rows of W are copied first and copied back after (W + BA - BA is
-not W in floating point), so W's bytes stay the base model's; under FSDP the merge touches only
-the gathered copy. W keeps its address, so CUDA graphs captured inside the merge stay valid.
+Rollouts decode with the adapters merged into W (adapters_merged): 1.2x (q, v) to 1.5x (all linear
+layers) faster on CPU than per-step low-rank products (bench/RESULTS.md). The adapted rows are copied
+back after, exactly, at the same address, so CUDA graphs captured inside the merge stay valid.
 """
 
 import argparse
@@ -52,7 +43,7 @@ class LoraSpec:
     r: int = 16
     alpha: float = 32
     dropout: float = 0.0
-    target_modules: list[str] | str | None = None  # HF module names or suffixes, "all-linear", a regex (str); None: PEFT's default
+    target_modules: list[str] | str | None = None  # see add_adapters; None: PEFT's default
     rslora: bool = False
     base_model: str | None = None  # written to adapter_config.json as base_model_name_or_path
 
@@ -71,30 +62,23 @@ class LoraLinear(nn.Module):
         self.weight, self.bias = base.weight, base.bias
         self.slices = {hf.rpartition(".")[2]: (hf, start, rows) for hf, (start, rows) in slices.items()}
         self.scale, self.dropout, self.enabled = spec.scale, spec.dropout, True
-        device = base.weight.device
-        self.lora_A = nn.ParameterDict({s: nn.Parameter(torch.empty(spec.r, base.in_features, device=device))
-                                        for s in self.slices})
+        device = base.weight.device  # A as PEFT initialises it, B zero
+        self.lora_A = nn.ParameterDict({s: nn.Parameter(nn.init.kaiming_uniform_(
+            torch.empty(spec.r, base.in_features, device=device), a=math.sqrt(5))) for s in self.slices})
         self.lora_B = nn.ParameterDict({s: nn.Parameter(torch.zeros(rows, spec.r, device=device))
                                         for s, (_, _, rows) in self.slices.items()})
-        for a in self.lora_A.values():
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def forward(self, x):
         y = linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        # Dropout on the adapters' input only, and only in the learning pass (never while sampling).
-        train = self.training and torch.is_grad_enabled()
-        parts, end = [], 0  # the update [..., out]: each adapted slice's product in its columns, zeros between
-        for s, (_, start, rows) in self.slices.items():  # in the order of the output rows
-            if start > end:
-                parts.append(y.new_zeros(*y.shape[:-1], start - end))
+        train = self.training and torch.is_grad_enabled()  # dropout in the learning pass only
+        for s, (_, start, rows) in self.slices.items():
             h = F.dropout(x, self.dropout, train).to(self.lora_A[s].dtype)
-            parts.append((F.linear(F.linear(h, self.lora_A[s]), self.lora_B[s]) * self.scale).to(y.dtype))
-            end = start + rows
-        if end < y.shape[-1]:
-            parts.append(y.new_zeros(*y.shape[:-1], y.shape[-1] - end))
-        return y + torch.cat(parts, -1)
+            update = F.linear(F.linear(h, self.lora_A[s]), self.lora_B[s]) * self.scale  # [..., rows_s]
+            # Zero-padded to s's columns: y is not changed in place (oneDNN's linear returns a view).
+            y = y + F.pad(update, (start, y.shape[-1] - start - rows)).to(y.dtype)
+        return y
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -103,16 +87,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 def add_adapters(model: Transformer, spec: LoraSpec) -> Transformer:
     """Freeze the model and put fresh adapters on the linear layers spec.target_modules names (PEFT's
-    matching: a name equal to the HF module's or a suffix of it after a dot; a string is a regex
-    the whole name must match; "all-linear": every linear layer but the output head)."""
+    matching: the HF module's name or a suffix of it after a dot; a string is a regex the whole name
+    must match; "all-linear": every linear layer but the output head)."""
     hf = model.cfg.hf_config
     targets = spec.target_modules or DEFAULT_TARGETS[FAMILIES[hf["architectures"][0]]]
     every = targets in ("all-linear", ["all-linear"])
-
-    def chosen(name: str) -> bool:
-        if isinstance(targets, str) and not every:
-            return re.fullmatch(targets, name) is not None
-        return every or any(name == t or name.endswith("." + t) for t in targets)
+    regex = isinstance(targets, str) and not every
+    chosen = lambda name: every or (re.fullmatch(targets, name) if regex else  # noqa: E731
+                                     any(name == t or name.endswith("." + t) for t in targets))
 
     model.requires_grad_(False)
     found = set()
@@ -132,7 +114,7 @@ def add_adapters(model: Transformer, spec: LoraSpec) -> Transformer:
     if not found:
         raise ValueError(f"LoRA target modules {targets} match no linear layer of this "
                          f"{hf['architectures'][0]} model")
-    spec.target_modules = targets if isinstance(targets, str) and not every else sorted(found)
+    spec.target_modules = targets if regex else sorted(found)
     model.lora = spec
     return model
 
