@@ -19,6 +19,11 @@ timed steps. Each side's step is split by wrapping its own functions: generation
 passes included), scoring (reward), the policy's and the reference's log-prob passes, and the
 AdamW step; the rest is decoding and tokenising, the loss, backward and clipping.
 
+--peft trains LoRA adapters on both sides (r 16, alpha 32, dropout 0.05, PEFT's default targets
+q_proj and v_proj; TRL through peft.LoraConfig, minidpo through --use_peft), each taking its
+reference pass with the adapters off, and adds a third side, "full": minidpo's full fine-tuning of
+the same job, for LoRA's share of its time and peak memory.
+
 --trl-keep-freed-memory gives TRL's process the glibc setting minidpo's trainer makes on CPU
 (minidpo.cpu.keep_freed_memory): the difference it makes to TRL is the setting's share of the gap.
 
@@ -30,9 +35,11 @@ memory (torch.cuda.max_memory_allocated) is then the memory compared.
     pip install trl==1.16.0          # the anchor (keeps the installed torch)
     python bench/train_step.py --json
     python bench/train_step.py --shape qwen2-0.5b --bf16 --tokenizer DIR --json   # on a GPU
+    python bench/train_step.py --peft --json    # LoRA on both sides, and minidpo's full fine-tuning
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -52,6 +59,7 @@ SHAPES = {
 }
 PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "minidpo", "prompts.jsonl")
 TEMPERATURE, BETA, LR, SEED, EOS_PENALTY = 0.9, 0.1, 1e-6, 42, 1.0
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
 
 
 def brevity(prompts, completions, **kwargs):
@@ -141,10 +149,12 @@ def parse_args():
     p.add_argument("--shape", choices=list(SHAPES), help="random weights of this shape instead of SmolLM2")
     p.add_argument("--tokenizer", help="a directory with SmolLM2's tokenizer files (default: the offline model's)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights, both sides (--bf16 / bf16=True)")
+    p.add_argument("--peft", action="store_true",
+                   help="LoRA on both sides, plus minidpo's full fine-tuning as a third side")
     p.add_argument("--trl-keep-freed-memory", action="store_true",
                    help="apply minidpo's glibc setting (cpu.keep_freed_memory) to TRL's process too")
     p.add_argument("--json", action="store_true", help="end with one line of JSON")
-    p.add_argument("--side", choices=["minidpo", "trl"], help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--side", choices=["minidpo", "trl", "full"], help=argparse.SUPPRESS)  # a child process
     p.add_argument("--prompts-file", help=argparse.SUPPRESS)
     p.add_argument("--reward-model", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -162,6 +172,8 @@ def run_minidpo(args, workdir):
     torch.set_num_threads(args.threads)
     reward = (["--reward_model_path", args.reward_model] if args.reward_model
               else ["--reward_funcs", f"{os.path.abspath(__file__)}:brevity"])
+    lora = ["--use_peft", "--lora_r", str(LORA_R), "--lora_alpha", str(LORA_ALPHA),
+            "--lora_dropout", str(LORA_DROPOUT)] if args.peft and args.side != "full" else []
     cfg = minidpo_args([
         "--model_name_or_path", args.model_dir, "--dataset_name", args.prompts_file, "--output_dir", workdir,
         *reward, "--missing_eos_penalty", str(EOS_PENALTY),
@@ -169,7 +181,7 @@ def run_minidpo(args, workdir):
         "--max_length", str(args.max_length), "--temperature", str(TEMPERATURE), "--beta", str(BETA),
         "--learning_rate", str(LR), "--lr_scheduler_type", "linear", "--max_grad_norm", "1.0",
         "--max_steps", str(args.steps + 1), "--seed", str(SEED), "--bf16", str(args.bf16).lower(),
-        "--gradient_checkpointing", "false", "--save_steps", "0"])
+        "--gradient_checkpointing", "false", "--save_steps", "0", *lora])
     trainer = Trainer(cfg)
 
     parts, busy, tokens = dict.fromkeys(PARTS, 0.0), [False], []
@@ -183,7 +195,10 @@ def run_minidpo(args, workdir):
     trainer.sampler.generate = timing(parts, "generate", counted, busy)
     trainer.preference = timing(parts, "score", trainer.preference, busy)
     trainer.policy.forward = timing(parts, "policy_forward", trainer.policy.forward, busy)
-    trainer.reference.forward = timing(parts, "reference_forward", trainer.reference.forward, busy)
+    if trainer.reference is None:  # LoRA: the policy with its adapters off
+        trainer.reference_logps = timing(parts, "reference_forward", trainer.reference_logps, busy)
+    else:
+        trainer.reference.forward = timing(parts, "reference_forward", trainer.reference.forward, busy)
     trainer.optimizer.step = timing(parts, "optimizer", trainer.optimizer.step, busy)
     batches = trainer.micro_batches()
     steps, breakdown = [], []
@@ -244,11 +259,31 @@ def run_trl(args, workdir):
             self.breakdown.append({**parts, "rest": seconds - sum(parts.values())})
 
     times = StepTimes()
+    if args.peft:
+        from peft import LoraConfig
+        lora_config = dict(peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                                                  task_type="CAUSAL_LM"))
+    else:
+        lora_config = {}
     reward = dict(reward_funcs=args.reward_model, reward_processing_classes=AutoTokenizer.from_pretrained(
         args.reward_model)) if args.reward_model else dict(reward_funcs=brevity)
     trainer = OnlineDPOTrainer(model=model, args=config, processing_class=tokenizer,
-                               train_dataset=Dataset.from_list(rows), callbacks=[times], **reward)
+                               train_dataset=Dataset.from_list(rows), callbacks=[times], **reward, **lora_config)
     generate, forward = trainer._generate, trainer._forward
+    in_reference = [False]  # with peft, TRL's reference pass is the model under disable_adapter()
+    if args.peft:
+        disable_adapter = trainer.model.disable_adapter
+
+        @contextlib.contextmanager
+        def flagged():
+            with disable_adapter():
+                in_reference[0] = True
+                try:
+                    yield
+                finally:
+                    in_reference[0] = False
+
+        trainer.model.disable_adapter = flagged
 
     def counted(*a, **kw):
         out = generate(*a, **kw)
@@ -259,7 +294,7 @@ def run_trl(args, workdir):
     trainer._calculate_rewards_from_functions = timing(parts, "score", trainer._calculate_rewards_from_functions, busy)
     timed_forward = {name: timing(parts, name, forward, busy) for name in ("policy_forward", "reference_forward")}
     trainer._forward = lambda model, *a, **kw: timed_forward[
-        "reference_forward" if model is trainer.ref_model else "policy_forward"](model, *a, **kw)
+        "reference_forward" if model is trainer.ref_model or in_reference[0] else "policy_forward"](model, *a, **kw)
     torch.optim.AdamW.step = timing(parts, "optimizer", torch.optim.AdamW.step, busy)  # created inside train()
     trainer.train()
     assert len(times.steps) == args.steps + 1, times.steps
@@ -270,7 +305,7 @@ def run_trl(args, workdir):
 
 def child(args):
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.side}-") as workdir:
-        result = (run_minidpo if args.side == "minidpo" else run_trl)(args, workdir)
+        result = (run_trl if args.side == "trl" else run_minidpo)(args, workdir)
     print(json.dumps(result))
 
 
@@ -293,7 +328,8 @@ def main():
         if reward_model:
             common += ["--reward-model", reward_model]
         common += ["--bf16"] * args.bf16 + ["--trl-keep-freed-memory"] * args.trl_keep_freed_memory
-        runs = {"minidpo": [], "trl": []}
+        common += ["--peft"] * args.peft
+        runs = {"minidpo": [], "trl": [], **({"full": []} if args.peft else {})}
         for _ in range(args.rounds):
             for side in runs:
                 cmd = [sys.executable, os.path.abspath(__file__), "--side", side, *common]
@@ -334,7 +370,13 @@ def main():
     for side, r in res.items():
         print(f"{side:10}{r['s_per_step']:8.2f}{r['min']:7.2f}{r['max']:7.2f}{r['peak_mb']:9.0f}"
               + (f"{r['gpu_peak_mb']:13.0f}" if gpu else "") + f"{r['tokens']:19.1f}")
-    print(f"minidpo / TRL: {ratio:.2f}x time per step, {mem_ratio:.2f}x peak {'GPU ' if gpu else ''}memory")
+    print(f"minidpo / TRL: {ratio:.2f}x time per step, {mem_ratio:.2f}x peak {'GPU ' if gpu else ''}memory"
+          + (" (both LoRA)" if args.peft else ""))
+    if args.peft:
+        lora_vs_full = {"time_ratio": res["minidpo"]["s_per_step"] / res["full"]["s_per_step"],
+                        "peak_ratio": res["minidpo"][memory] / res["full"][memory]}
+        print(f"minidpo LoRA / minidpo full fine-tuning: {lora_vs_full['time_ratio']:.2f}x time per step, "
+              f"{lora_vs_full['peak_ratio']:.2f}x peak {'GPU ' if gpu else ''}memory")
     print("seconds (share of the step):")
     print(f"{'':10}" + "".join(f"{k:>20}" for k in res["minidpo"]["breakdown"]))
     for side, r in res.items():
@@ -350,6 +392,9 @@ def main():
             "batch": args.batch, "max_new_tokens": args.new_tokens, "max_length": args.max_length,
             "temperature": TEMPERATURE, "reward": args.reward, "bf16": args.bf16, "shape": args.shape,
             "trl_keep_freed_memory": args.trl_keep_freed_memory, "threads": args.threads, "steps": n,
+            "peft": args.peft, **({"full_s_per_step": res["full"]["s_per_step"], "full_peak_mb": res["full"]["peak_mb"],
+                                   "full_gpu_peak_mb": res["full"]["gpu_peak_mb"],
+                                   "lora_vs_full": lora_vs_full} if args.peft else {}),
             "model": args.shape or MODEL, "device_name": device, **versions, "date": time.strftime("%Y-%m-%d"),
             "cpu_matmul": [r["cpu_matmul"] for r in runs["minidpo"]],
         }))

@@ -2,8 +2,8 @@
 
 The model answers each prompt (greedy by default, so a run is repeatable); the baseline is either a
 file of reference answers (jsonl rows {"prompt", "completion"}) or a second model answering the same
-prompts. Each pair goes to the judge, the model's answer shown first (judges that look at both
-answers at once shuffle the order themselves). Ties, the judge's -1, count for neither side: the
+prompts; either model may be a LoRA adapter directory. Each pair goes to the judge, the model's
+answer shown first (judges that look at both answers at once shuffle the order themselves). Ties, the judge's -1, count for neither side: the
 win rate and its 95% Wilson interval are over the decided pairs, and the ties are reported beside.
 
     python bench/winrate.py --model_name_or_path out/ --baseline_model offline:SmolLM2-135M-Instruct \
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from minidpo import load_pretrained
 from minidpo.common import error_line, print_error
 from minidpo.data import _text, load_prompts, read_rows
+from minidpo.lora import load_pretrained_or_adapter
 from minidpo.judges import RewardModel, RewardModelJudge, make_judge
 from minidpo.sampler import Sampler
 
@@ -40,7 +40,7 @@ def wilson_interval(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def generate(path, prompts, args, seed) -> list[str]:
-    model, tokenizer = load_pretrained(path, device=args.device)
+    model, tokenizer = load_pretrained_or_adapter(path, device=args.device)
     sampler = Sampler(model.eval())
     generator = torch.Generator(args.device).manual_seed(seed)
     completions = []
@@ -56,7 +56,8 @@ def generate(path, prompts, args, seed) -> list[str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model_name_or_path", default="offline:SmolLM2-135M-Instruct")
+    p.add_argument("--model_name_or_path", default="offline:SmolLM2-135M-Instruct",
+                   help="a model, or a LoRA adapter directory (its base model with the adapter merged in)")
     side = p.add_mutually_exclusive_group(required=True)
     side.add_argument("--reference_file", help='jsonl of {"prompt", "completion"}: its prompts are used')
     side.add_argument("--baseline_model", help="a second model answering the same prompts")

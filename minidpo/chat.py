@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .checkpoint import load_pretrained
+from .lora import load_pretrained_or_adapter
 from .sampler import Sampler
 from .common import error_line, print_error
 
@@ -56,7 +56,8 @@ class Chat:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a model (one message per line; /clear, /exit).")
-    p.add_argument("--model_name_or_path", default="offline:SmolLM2-135M-Instruct")
+    p.add_argument("--model_name_or_path", default="offline:SmolLM2-135M-Instruct",
+                   help="a model, or a LoRA adapter directory (its base model with the adapter merged in)")
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         print_error(message)
         return 2
     try:
-        model, tokenizer = load_pretrained(args.model_name_or_path, device=args.device)
+        model, tokenizer = load_pretrained_or_adapter(args.model_name_or_path, device=args.device)
         if tokenizer.chat_template is None:
             raise ValueError(f"{args.model_name_or_path} has no chat template: chat needs an instruct model")
     except (ValueError, OSError, ImportError, RuntimeError) as e:

@@ -21,8 +21,9 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 OBJECTIVES = ("online_dpo", "reward")
 GENERATION_KWARGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "min_new_tokens", "stop_strings")
 
-MODEL, JUDGE, GENERATION, OPTIM, SCHEDULE, LOGGING, HUB = (
-    "model & data", "judge / reward", "generation", "optimisation", "schedule", "logging & checkpoints", "hub")
+TORCH_DTYPES = ("auto", "bfloat16", "float32")
+MODEL, JUDGE, GENERATION, OPTIM, LORA, SCHEDULE, LOGGING, HUB = (
+    "model & data", "judge / reward", "generation", "optimisation", "lora", "schedule", "logging & checkpoints", "hub")
 
 
 def flag(section: str, default, help: str):
@@ -91,6 +92,17 @@ class Config:
     bf16: bool = flag(OPTIM, False, "compute in bfloat16")
     gradient_checkpointing: bool = flag(OPTIM, False, "recompute activations in backward to save memory")
     seed: int = flag(OPTIM, 42, "seed for shuffling, sampling and initialisation")
+
+    # TRL's ModelConfig: LoRA adapters (lora.py); the reference is then the policy with its adapters off
+    use_peft: bool = flag(LORA, False, "train LoRA adapters on the frozen model instead of all its weights")
+    lora_r: int = flag(LORA, 16, "LoRA rank")
+    lora_alpha: float = flag(LORA, 32, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = flag(LORA, 0.05, "dropout on the adapters' input (off under --disable_dropout, as in TRL)")
+    lora_target_modules: list[str] | None = flag(LORA, None, "modules to adapt (e.g. q_proj v_proj, or all-linear); "
+                                                 "default: PEFT's for the architecture")
+    use_rslora: bool = flag(LORA, False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
+    torch_dtype: str = flag(LORA, "float32", f"dtype the model's weights are held in: {', '.join(TORCH_DTYPES)} "
+                            "(auto: config.json's)")
 
     num_train_epochs: float = flag(SCHEDULE, 3.0, "passes over the prompts (ignored if --max_steps > 0)")
     max_steps: int = flag(SCHEDULE, -1, "optimizer steps to run; -1: from --num_train_epochs")
@@ -168,6 +180,12 @@ class Config:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_total_limit"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{name} must be >= 1, got {value}")
+        need(self.torch_dtype in TORCH_DTYPES,
+             f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
+        if self.use_peft:
+            need(self.objective == "online_dpo", "--use_peft: LoRA is supported for --objective online_dpo only")
+            need(self.lora_r >= 1 and self.lora_alpha > 0, "--lora_r must be >= 1 and --lora_alpha > 0")
+            need(0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.max_steps == -1 or self.max_steps > 0, f"--max_steps must be -1 or > 0, got {self.max_steps}")
         need(self.max_steps > 0 or self.num_train_epochs > 0,
              f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
@@ -242,10 +260,10 @@ UNSUPPORTED = {
     "fsdp": "minidpo always shards with FSDP2 when run with more than one process; drop --fsdp",
     "fsdp_config": "minidpo always shards with FSDP2 when run with more than one process; drop --fsdp_config",
     "fp16": "use --bf16 (fp16 needs loss scaling, which minidpo does not do)",
-    "torch_dtype": "minidpo loads weights in float32; use --bf16 for bfloat16 compute",
-    "dtype": "minidpo loads weights in float32; use --bf16 for bfloat16 compute",
-    "use_peft": "minidpo trains all weights; LoRA is not supported",
-    "load_in_4bit": "quantised training is not supported; drop it",
+    "dtype": "use --torch_dtype",
+    "load_in_4bit": "quantised training (bitsandbytes) is not supported; use --use_peft with --torch_dtype bfloat16",
+    "load_in_8bit": "quantised training (bitsandbytes) is not supported; use --use_peft with --torch_dtype bfloat16",
+    "use_dora": "DoRA is not supported; use --use_peft (LoRA), optionally with --use_rslora",
     "trust_remote_code": "minidpo runs its own Llama/Qwen2/GPT-NeoX code and never remote code; drop it",
     "attn_implementation": "minidpo always uses torch's scaled_dot_product_attention; drop it",
     "tpu_num_cores": "TPUs are not supported; run on CUDA GPUs or CPU under torchrun",

@@ -106,11 +106,13 @@ def gathered(model: torch.nn.Module):
 
 
 def full_state_dict(model: torch.nn.Module) -> dict:
-    """The whole model's state dict, gathered to rank 0's CPU memory (an empty dict on the other
-    ranks). Every rank must call it: the gather is a collective."""
+    """The whole model's state dict without its frozen weights (LoRA's base), gathered to rank 0's
+    CPU memory (an empty dict on the other ranks). Every rank must call it: the gather is a collective."""
     if not fsdp_units(model):
-        return model.state_dict()
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        return {name: t for name, t in model.state_dict().items() if name not in frozen}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,9 @@ model card, and the Hub upload.
                                trainer_state.json (step, schedule, world size, flags)
     output_dir/                the final model in the HF layout, README.md (the model card)
 
+With LoRA (--use_peft) "the model" is the adapter in PEFT's layout (lora.py), and state/ holds only
+the adapters and their optimizer state: the frozen base is the one the run started from.
+
 Every directory is built under a temporary name and renamed when complete (common.py), so a crash
 never leaves a half-written checkpoint or model.
 """
@@ -24,15 +27,19 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import filesystem, metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .checkpoint import write_pretrained
 from .common import COUNT, OBJECT, SIZE, check_keys, error_line, replace_dir, temp_dir_beside
 from .distributed import Dist, barrier, full_state_dict
+from .lora import write_adapter
 
 # Without a process group (one process), DCP warns at every save and load that it assumes one process:
 # that is the intent, and the warning's two lines would bury the log and the one-line errors.
 DCP_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+# Resuming needs no frozen weights (LoRA's base). Not strict when setting, as the frozen ones are
+# absent; DCP's load has already failed on any trained weight missing from the checkpoint.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 # What DCP's .metadata pickle may name (found by listing a minidpo checkpoint's): DCP's metadata
@@ -117,7 +124,7 @@ class Checkpoints:
         barrier()
 
     def write(self, tmp: Path, step: int, model, optimizer, scheduler, tokenizer, config: dict, generator):
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED_ONLY)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", DCP_ONE_PROCESS)
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state")
@@ -125,7 +132,7 @@ class Checkpoints:
         save_file(rng | {"torch": torch.get_rng_state()}, tmp / f"rng-rank{self.dist.rank}.safetensors")
         full = full_state_dict(model)  # a collective: every rank takes part, rank 0 gets the tensors
         if self.dist.is_main:
-            write_pretrained(full, model.cfg, tmp, tokenizer)
+            write_model(full, model, tmp, tokenizer)
             state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": self.dist.world_size,
                      "config": config}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -171,7 +178,7 @@ class Checkpoints:
         if state["world_size"] != self.dist.world_size:
             raise ValueError(f"--resume_from_checkpoint: {path} was written by {state['world_size']} process(es); "
                              f"resume with the same number (this run has {self.dist.world_size})")
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED_ONLY)
         both = {"model": model_state, "optim": optim_state}
         try:
             with warnings.catch_warnings():
@@ -183,7 +190,8 @@ class Checkpoints:
             rng = load_file(path / f"rng-rank{self.dist.rank}.safetensors")
         except (Exception, dcp.CheckpointException) as e:
             raise ValueError(f"--resume_from_checkpoint: {path} is unreadable ({error_line(dcp_error(e))})") from None
-        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"],
+                       options=TRAINED_ONLY)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(rng["torch"])
         if generator is not None and "generator" in rng:
@@ -196,11 +204,19 @@ def save_final(output_dir: Path, model, tokenizer, card: str, dist: Dist):
     full = full_state_dict(model)  # a collective: every rank takes part, rank 0 gets the tensors
     if dist.is_main:
         tmp = temp_dir_beside(output_dir / "model")
-        write_pretrained(full, model.cfg, tmp, tokenizer)
+        write_model(full, model, tmp, tokenizer)
         (tmp / "README.md").write_text(card)
         publish(tmp, output_dir)
         print(f"saved the model to {output_dir}", file=sys.stderr)
     barrier()
+
+
+def write_model(state: dict, model, out_dir: Path, tokenizer):
+    """The model's files: the HF layout, or with LoRA the adapter in PEFT's layout."""
+    if hasattr(model, "lora"):
+        write_adapter(state, model, out_dir)
+    else:
+        write_pretrained(state, model.cfg, out_dir, tokenizer)
 
 
 def publish(tmp: Path, target: Path):
@@ -211,7 +227,7 @@ def publish(tmp: Path, target: Path):
     new index comes last but config.json, so a crash in between leaves an incomplete model that no
     loader accepts, never old and new shards mixed.
     """
-    index = "model.safetensors.index.json"
+    index = "model.safetensors.index.json"  # (an adapter's two files replace the old ones)
     sharded = (tmp / index).exists()
     for old in [target / index, *target.glob("model*.safetensors")]:
         if old.exists() and (sharded or not (tmp / old.name).exists()):

@@ -38,6 +38,7 @@ from .cpu import keep_freed_memory
 from .data import PromptSampler, load_prompts
 from .distributed import all_reduce_sum, gathered, init_distributed, shard
 from .judges import Preference, RewardModel
+from .lora import LoraSpec, adapters_disabled, adapters_merged, add_adapters, model_dtype
 from .loss import dpo_loss, online_dpo_metrics
 from .outputs import Checkpoints, model_card, push_to_hub, save_final
 from .packing import pack_pairs
@@ -107,7 +108,7 @@ class Trainer:
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         # As HF's Trainer: biases and norm weights are not decayed.
         groups = [{"params": [p for name, p in self.policy.named_parameters()
-                              if (name.endswith(".bias") or "norm" in name) == exempt],
+                              if p.requires_grad and (name.endswith(".bias") or "norm" in name) == exempt],
                    "weight_decay": 0.0 if exempt else cfg.weight_decay} for exempt in (False, True)]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            eps=cfg.adam_epsilon, fused=True)
@@ -123,20 +124,24 @@ class Trainer:
     def build(self, model_dir) -> list:
         """The policy, its frozen reference, the sampler and the preference; returns the prompt rows."""
         cfg, device = self.cfg, self.dist.device
-        self.policy = load_model(str(model_dir), device=device)
-        # The frozen reference pi_ref, in the policy's dtype and under the same autocast, so that the
-        # two agree exactly (KL 0) before the first step. SimPO has none.
+        dtype = model_dtype(cfg.torch_dtype, model_dir)
+        self.policy = load_model(str(model_dir), dtype=dtype, device=device)
+        # The reference pi_ref: with LoRA the policy with its adapters off (reference_logps); else a
+        # frozen copy, in the policy's dtype and under the same autocast, so that the two agree
+        # exactly (KL 0) before the first step. SimPO has none.
         self.reference = None
-        if cfg.loss_type != "simpo":
-            self.reference = load_model(str(model_dir), device=device).requires_grad_(False)
+        if cfg.use_peft:
+            add_adapters(self.policy, LoraSpec(cfg.lora_r, cfg.lora_alpha, 0.0 if cfg.disable_dropout else cfg.lora_dropout,
+                                               cfg.lora_target_modules, cfg.use_rslora, cfg.model_name_or_path))
+        elif cfg.loss_type != "simpo":
+            self.reference = load_model(str(model_dir), dtype=dtype, device=device).requires_grad_(False)
+            shard(self.reference, self.dist, cfg.bf16, frozen=True)
         # With several processes both are sharded (FSDP2) before the optimizer sees the policy's
         # parameters; the reference has no gradients and no optimizer state, only its shards.
         shard(self.policy, self.dist, cfg.bf16)
-        if self.reference is not None:
-            shard(self.reference, self.dist, cfg.bf16, frozen=True)
         self.sampler = Sampler(self.policy, cuda_graphs=cfg.cuda_graphs, dtype=torch.bfloat16 if cfg.bf16 else None)
         if device.type == "cuda":  # size the cache for the longest sequence now: growing it recaptures graphs
-            with gathered(self.policy):
+            with gathered(self.policy), adapters_merged(self.policy):  # as every rollout will run
                 self.sampler.reserve(cfg.num_generations * cfg.per_device_train_batch_size, cfg.max_length)
         # Each rank samples from its own seeded generator, saved in checkpoints so a resumed run
         # draws the same completions as an uninterrupted one.
@@ -223,7 +228,8 @@ class Trainer:
 
     def collect(self, micro_batches: list) -> list[Rollout]:
         # Under FSDP: the policy's full weights once for the step's rollouts, not once per token.
-        with gathered(self.policy):
+        # With LoRA, the adapters merged into them (lora.py: faster decoding).
+        with gathered(self.policy), adapters_merged(self.policy):
             return [self.rollout(batch, self.cfg.beta[min(epoch, len(self.cfg.beta) - 1)])
                     for epoch, batch in micro_batches]  # a list of betas gives one per epoch
 
@@ -266,9 +272,8 @@ class Trainer:
         with self.autocast:
             # The reference first: its passing tensors are freed before the policy's activations pile up.
             ref_seq = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_seq = (self.reference(**inputs).view(B, 2, C) * mask).sum(-1)
+            if cfg.loss_type != "simpo":
+                ref_seq = (self.reference_logps(inputs).view(B, 2, C) * mask).sum(-1)
             logps = self.policy(**inputs)
         # [B, 2C] token log-probs (chosen | rejected) -> [B, 2] sums over each completion's tokens
         seq = (logps.view(B, 2, C) * mask).sum(-1)
@@ -290,6 +295,14 @@ class Trainer:
         metrics["judge/undecided"] = ((~rollout.decided).float().sum(), one * B)
         metrics["completions/tokens"] = (mask.sum().float(), one)  # of the two scored completions
         return metrics
+
+    @torch.no_grad()
+    def reference_logps(self, inputs: dict) -> torch.Tensor:
+        """Token log-probs under pi_ref: the frozen reference model, or with LoRA the policy with its adapters off."""
+        if self.reference is not None:
+            return self.reference(**inputs)
+        with adapters_disabled(self.policy):
+            return self.policy(**inputs)
 
     def update(self) -> torch.Tensor:
         """Clip, step AdamW and the schedule; returns the gradient norm before clipping."""

@@ -7,6 +7,7 @@ equivalence: one optimizer step on fixed completions (no sampling), recording th
   --num_generations 4; and one real step under --bf16.
 runs: a 4-step run saving checkpoint-2, a run resumed from it, and the reference's Pythia 1B
   command through train.main, with each rank's unreduced metric window kept for the test.
+lora: equivalence's first step and runs' kill-and-resume, with LoRA adapters.
 """
 
 import json
@@ -49,6 +50,8 @@ def one_step(world, out, tag, batch, accumulation, *extra):
 
     def step_keeping_gradients(*args, **kwargs):
         for name, p in trainer.policy.named_parameters():
+            if p.grad is None:  # a frozen weight (LoRA's base)
+                continue
             grads[name] = (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
         return optimizer_step(*args, **kwargs)
 
@@ -79,6 +82,21 @@ def equivalence(world, out):
     if trainer.dist.rank == 0:
         (out / "bf16.json").write_text(json.dumps({"cache_dtype": str(trainer.sampler.cache.k[0].dtype),
                                                    "loss": float(metrics["loss"][0] / metrics["loss"][1])}))
+
+
+def lora(world, out):
+    """equivalence's first step and runs' kill-and-resume, with LoRA adapters on q, v and up."""
+    adapters = ["--use_peft", "--lora_r", 4, "--lora_target_modules", "q_proj", "v_proj", "up_proj"]
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        one_step(world, out, "single", 8, 1, *adapters)
+        return
+    one_step(world, out, "plain", 2, 2, *adapters)
+    one_step(world, out, "bf16_base", 2, 2, *adapters, "--torch_dtype", "bfloat16")  # bf16 base, fp32 adapters
+    straight = ["--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--max_steps", 4,
+                "--save_steps", 2, "--learning_rate", 1e-2, *adapters]
+    Trainer(parse_args(flags(world, out / "straight", *straight))).train()
+    Trainer(parse_args(flags(world, out / "resumed", *straight, "--resume_from_checkpoint",
+                             out / "straight" / "checkpoint-2"))).train()
 
 
 def runs(world, out):
@@ -112,6 +130,6 @@ if __name__ == "__main__":
     mode, world, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     torch.set_num_threads(1)
     try:
-        {"equivalence": equivalence, "runs": runs}[mode](world, out)
+        {"equivalence": equivalence, "runs": runs, "lora": lora}[mode](world, out)
     finally:
         shutdown()

@@ -147,3 +147,17 @@ def test_reference_1b_command_runs_with_metrics_over_both_ranks(runs):
         assert logged[name] == pytest.approx((s0 + s1) / (c0 + c1), abs=1e-5), name
     (s0, c0), (s1, c1) = windows[0]["objective/scores"], windows[1]["objective/scores"]
     assert abs(s0 / c0 - s1 / c1) > 1e-4  # so rank 0 alone would have logged something else
+
+
+def test_lora_on_two_ranks_takes_the_step_of_one_process_and_resumes_exactly(world, tmp_path):
+    launch("lora", world, tmp_path, ranks=1)
+    launch("lora", world, tmp_path, ranks=2)
+    single, sharded = (json.loads((tmp_path / f"{t}.json").read_text()) for t in ("single", "plain"))
+    assert sharded == pytest.approx(single, abs=1e-5) and single["grad_norm"] > 0
+    bf16_base = json.loads((tmp_path / "bf16_base.json").read_text())
+    assert bf16_base == pytest.approx(single, rel=0.05)
+    tensors = load_file(tmp_path / "plain.safetensors")
+    assert tensors and all(".lora_" in name for name in tensors)  # only the adapters have gradients and weights out
+    assert_same_tensors(tensors, load_file(tmp_path / "single.safetensors"), atol=1e-5)
+    straight, resumed = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("straight", "resumed"))
+    assert_same_tensors(resumed, straight, atol=0)

@@ -1,0 +1,271 @@
+"""LoRA (Hu et al. 2021) on minidpo's own layers, saved and loaded in PEFT's file layout.
+
+An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output
+columns of each adapted slice s (q_proj and v_proj of the fused q/k/v layer, say),
+scale * (x A_s^T) B_s^T with A_s [r, in], B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)).
+B starts at zero, so training starts exactly at the base model, which is also the reference:
+the same layers with the adapters off. Adapters sit beside the weights (layers.0.attn.qkv.lora_A.q_proj);
+PEFT names them after the HF module (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight),
+and checkpoint.tensor_plan relates the two (GPT-NeoX's interleaved query_key_value: B's rows reordered).
+
+Rollouts decode with the adapters merged into W (adapters_merged): 1.2x (q, v) to 1.5x (all linear
+layers) faster on CPU than per-step low-rank products (bench/RESULTS.md). The adapted rows are copied
+back after, exactly, at the same address, so CUDA graphs captured inside the merge stay valid.
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import (DTYPES, FAMILIES, is_neox_qkv, load_pretrained, neox_qkv_to_hf, neox_qkv_to_ours,
+                         save_pretrained, split_sizes, tensor_plan)
+from .common import error_line, print_error, read_json
+from .cpu import linear
+from .model import Linear, Transformer
+
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the families minidpo runs.
+DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"]}
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None  # see add_adapters; None: PEFT's default
+    rslora: bool = False
+    base_model: str | None = None  # written to adapter_config.json as base_model_name_or_path
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer (its weight and bias under their old names) plus adapters on named
+    slices of its outputs: `slices` maps a Hugging Face module name (e.g. model.layers.0.self_attn.q_proj)
+    to (first output row, rows). The adapter tensors are fp32 whatever the base's dtype, as PEFT's."""
+
+    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], spec: LoraSpec):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.slices = {hf.rpartition(".")[2]: (hf, start, rows) for hf, (start, rows) in slices.items()}
+        self.scale, self.dropout, self.enabled = spec.scale, spec.dropout, True
+        device = base.weight.device  # A as PEFT initialises it, B zero
+        self.lora_A = nn.ParameterDict({s: nn.Parameter(nn.init.kaiming_uniform_(
+            torch.empty(spec.r, base.in_features, device=device), a=math.sqrt(5))) for s in self.slices})
+        self.lora_B = nn.ParameterDict({s: nn.Parameter(torch.zeros(rows, spec.r, device=device))
+                                        for s, (_, _, rows) in self.slices.items()})
+
+    def forward(self, x):
+        y = linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        train = self.training and torch.is_grad_enabled()  # dropout in the learning pass only
+        for s, (_, start, rows) in self.slices.items():
+            h = F.dropout(x, self.dropout, train).to(self.lora_A[s].dtype)
+            update = F.linear(F.linear(h, self.lora_A[s]), self.lora_B[s]) * self.scale  # [..., rows_s]
+            # Zero-padded to s's columns: y is not changed in place (oneDNN's linear returns a view).
+            y = y + F.pad(update, (start, y.shape[-1] - start - rows)).to(y.dtype)
+        return y
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def add_adapters(model: Transformer, spec: LoraSpec) -> Transformer:
+    """Freeze the model and put fresh adapters on the linear layers spec.target_modules names (PEFT's
+    matching: the HF module's name or a suffix of it after a dot; a string is a regex the whole name
+    must match; "all-linear": every linear layer but the output head)."""
+    hf = model.cfg.hf_config
+    targets = spec.target_modules or DEFAULT_TARGETS[FAMILIES[hf["architectures"][0]]]
+    every = targets in ("all-linear", ["all-linear"])
+    regex = isinstance(targets, str) and not every
+    chosen = lambda name: every or (re.fullmatch(targets, name) if regex else  # noqa: E731
+                                     any(name == t or name.endswith("." + t) for t in targets))
+
+    model.requires_grad_(False)
+    found = set()
+    for ours, theirs in tensor_plan(hf, model.cfg).items():
+        module_name = ours.removesuffix(".weight")
+        if module_name == ours or module_name in ("lm_head", "score") \
+                or not isinstance(module := model.get_submodule(module_name), nn.Linear):
+            continue
+        sizes = split_sizes(model.cfg, ours) if len(theirs) > 1 else [module.out_features]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        slices = {t.removesuffix(".weight"): (start, n) for t, start, n in zip(theirs, starts, sizes)
+                  if chosen(t.removesuffix(".weight"))}
+        if slices:
+            parent, _, child = module_name.rpartition(".")
+            model.get_submodule(parent).register_module(child, LoraLinear(module, slices, spec))
+            found |= {hf_name.rpartition(".")[2] for hf_name in slices}
+    if not found:
+        raise ValueError(f"LoRA target modules {targets} match no linear layer of this "
+                         f"{hf['architectures'][0]} model")
+    spec.target_modules = targets if regex else sorted(found)
+    model.lora = spec
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model for the duration of the block: every adapter off (online DPO's reference)."""
+    layers = lora_layers(model).values()
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+def low_rank_update(layer: LoraLinear, s: str) -> torch.Tensor:
+    """scale * B_s A_s [rows_s, in], in the weight's dtype: what merging adds to slice s of W."""
+    return (layer.scale * layer.lora_B[s] @ layer.lora_A[s]).to(layer.weight.dtype)
+
+
+@contextmanager
+def adapters_merged(model: nn.Module):
+    """For the block's duration the adapters are merged into the weights and switched off (a
+    rollout's decoding runs at the base model's speed); the adapted rows are restored exactly after."""
+    layers, saved = lora_layers(model).values(), []
+    with torch.no_grad():
+        for layer in layers:
+            for s, (_, start, rows) in layer.slices.items():
+                weight = layer.weight[start:start + rows]
+                saved.append((weight, weight.clone()))
+                weight += low_rank_update(layer, s)
+            layer.enabled = False
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+        for layer in layers:
+            layer.enabled = True
+
+
+def peft_tensors(state: dict, model: Transformer) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a minidpo state dict (e.g. full_state_dict's) under PEFT's names."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        for s, (hf_name, _, _) in layer.slices.items():
+            b = state[f"{name}.lora_B.{s}"]
+            if is_neox_qkv(model.cfg.hf_config, f"{name}.weight"):
+                b = neox_qkv_to_hf(b, model.cfg.num_heads)
+            out[f"{PEFT_PREFIX}{hf_name}.lora_A.weight"] = state[f"{name}.lora_A.{s}"].contiguous()
+            out[f"{PEFT_PREFIX}{hf_name}.lora_B.weight"] = b.contiguous()
+    return out
+
+
+def write_adapter(state: dict, model: Transformer, out_dir: Path):
+    """adapter_config.json and adapter_model.safetensors, as PEFT's save_pretrained writes them."""
+    spec = model.lora
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": spec.base_model,
+              "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
+              "target_modules": spec.target_modules, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "init_lora_weights": True, "use_dora": False}
+    save_file(peft_tensors(state, model), out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_adapter(model: Transformer, adapter_dir) -> Transformer:
+    """Put the LoRA adapter PEFT (or minidpo) saved in adapter_dir on `model`, its base model."""
+    adapter_dir = Path(adapter_dir)
+    c = read_json(adapter_dir / ADAPTER_CONFIG)
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
+                               "fan_in_fan_out") if c.get(k)]
+    if c.get("peft_type") != "LORA" or c.get("bias", "none") != "none" or unsupported:
+        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: only plain LoRA adapters are supported (peft_type LORA, "
+                         f"bias none; not {', '.join(unsupported) or c.get('peft_type')})")
+    add_adapters(model, LoraSpec(c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0), c.get("target_modules"),
+                                 c.get("use_rslora", False), c.get("base_model_name_or_path")))
+    tensors = load_file(adapter_dir / ADAPTER_WEIGHTS, device=str(model.embed.weight.device))
+    wanted = peft_tensors(model.state_dict(), model)
+    if tensors.keys() != wanted.keys():
+        odd = sorted(tensors.keys() ^ wanted.keys())[0]
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {odd} is {'missing' if odd in wanted else 'unexpected'}")
+    state = {}
+    for name, layer in lora_layers(model).items():
+        for s, (hf_name, _, _) in layer.slices.items():
+            a, b = (tensors[f"{PEFT_PREFIX}{hf_name}.lora_{ab}.weight"].float() for ab in "AB")
+            if is_neox_qkv(model.cfg.hf_config, f"{name}.weight"):
+                b = neox_qkv_to_ours(b, model.cfg.num_heads)
+            if a.shape != layer.lora_A[s].shape or b.shape != layer.lora_B[s].shape:
+                raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: the adapter of {hf_name} has shapes "
+                                 f"{tuple(a.shape)}, {tuple(b.shape)}, which do not fit the base model")
+            state |= {f"{name}.lora_A.{s}": a, f"{name}.lora_B.{s}": b}
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+@torch.no_grad()
+def merge_adapters(model: Transformer) -> Transformer:
+    """W[rows of s] += scale * B_s A_s for every adapter, each layer then a plain Linear again."""
+    for name, layer in lora_layers(model).items():
+        for s, (_, start, rows) in layer.slices.items():
+            layer.weight[start:start + rows] += low_rank_update(layer, s)
+        plain = Linear(layer.weight.shape[1], layer.weight.shape[0], bias=layer.bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, layer.bias
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent).register_module(child, plain)
+    del model.lora
+    return model
+
+
+def model_dtype(choice: str, model_dir: Path) -> torch.dtype:
+    """--torch_dtype: float32, bfloat16, or auto (the dtype config.json names; float32 if none)."""
+    if choice == "auto":
+        hf = read_json(Path(model_dir) / "config.json")
+        choice = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return DTYPES[choice]
+
+
+def load_pretrained_or_adapter(name_or_path: str, dtype=None, device=None):
+    """(model, tokenizer) of a model directory, or of an adapter directory: its base model with the
+    adapter merged in (generation then runs at the base model's speed)."""
+    path = Path(name_or_path)
+    if not (path / ADAPTER_CONFIG).is_file():
+        return load_pretrained(name_or_path, dtype, device)
+    base = read_json(path / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path / ADAPTER_CONFIG} names no base_model_name_or_path")
+    model, tokenizer = load_pretrained(base, dtype, device)
+    return merge_adapters(load_adapter(model, path)), tokenizer
+
+
+def main(argv=None) -> int:
+    """`python -m minidpo.lora merge ADAPTER_DIR OUT_DIR`: the base model with the adapter merged in,
+    written as a full Hugging Face model directory."""
+    p = argparse.ArgumentParser(prog="python -m minidpo.lora", description=main.__doc__.split(":", 1)[1])
+    p.add_argument("command", choices=["merge"])
+    p.add_argument("adapter_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--torch_dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args(argv)
+    try:
+        model, tokenizer = load_pretrained_or_adapter(args.adapter_dir, dtype=args.torch_dtype)
+        save_pretrained(model, args.out_dir, tokenizer)
+    except (ValueError, OSError, KeyError) as e:
+        print_error(error_line(e))
+        return 1
+    print(f"saved the merged model to {args.out_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
