@@ -6,9 +6,8 @@
    shape (on the 2-core AMD EPYC of the results oneDNN, up to 2x on decode rows and the vocabulary
    projection; on Intel Xeons MKL, most at batch 1), so neither is assumed: each shape class (rows,
    in and out features rounded up to powers of two, and which operands are transposed views) times
-   its own first products. The two paths take turns; after one warm-up call each (oneDNN builds its
-   kernel then) the path with the least time per FLOP over SAMPLES calls serves the class for the
-   rest of the process. Both are fp32 products that differ by rounding only. MINIDPO_CPU_MATMUL=
+   its first product on both paths (faster()) before computing it, and the faster path serves the
+   class for the rest of the process. Both are fp32 products that differ by rounding only. MINIDPO_CPU_MATMUL=
    onednn|mkl fixes the path (runs that must repeat bit for bit, benchmarks); auto is the default.
    linear() is F.linear with that one difference: CUDA, bf16, autocast and float64 go to F.linear
    unchanged (bf16 runs through oneDNN there already).
@@ -30,9 +29,8 @@ import torch.nn.functional as F
 
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 PATHS = {"onednn": lambda x, weight, bias=None: _onednn_linear(x, weight, bias, "none", [], ""), "mkl": F.linear}
-SAMPLES = 3  # timed calls per path and shape class, after one warm-up call each
-_trials: dict[tuple, dict[str, list[float]]] = {}  # shape class -> path -> seconds per FLOP of each call
-_chosen: dict[tuple, str] = {}  # shape class -> the faster path, once the trials are done
+SAMPLES = 3  # timed calls per path, after one warm-up call each
+_chosen: dict[tuple, str] = {}  # shape class -> the faster path
 _clock = time.perf_counter
 
 
@@ -43,9 +41,18 @@ def shape_class(x, weight) -> tuple:
     return (*(1 << max(n - 1, 0).bit_length() for n in (rows, *weight.shape)), x.stride(-1) == 1, weight.stride(-1) == 1)
 
 
-def faster(trials: dict[str, list[float]]) -> str:
-    """The path whose best timed call (each path's first call, the warm-up, left out) took least."""
-    return min(trials, key=lambda path: min(trials[path][1:]))
+def faster(x, weight, bias) -> str:
+    """The path that computes this product faster: a warm-up call each (oneDNN builds its kernel
+    then), then SAMPLES calls each, taking turns; the best call of each path counts. The results
+    are thrown away, so every product of a class, its first included, is computed on one path:
+    within a process, equal inputs give equal outputs (the policy and the reference agree exactly)."""
+    times = {path: [] for path in PATHS}
+    for _ in range(SAMPLES + 1):
+        for path, product in PATHS.items():
+            start = _clock()
+            product(x, weight, bias)
+            times[path].append(_clock() - start)
+    return min(times, key=lambda path: min(times[path][1:]))
 
 
 def _mm(x, weight, bias=None):
@@ -56,16 +63,9 @@ def _mm(x, weight, bias=None):
             raise ValueError(f"MINIDPO_CPU_MATMUL must be auto, onednn or mkl, not {setting!r}")
         return PATHS[setting](x, weight, bias)
     key = shape_class(x, weight)
-    if key in _chosen:
-        return PATHS[_chosen[key]](x, weight, bias)
-    trials = _trials.setdefault(key, {path: [] for path in PATHS})
-    path = min(trials, key=lambda p: len(trials[p]))  # the paths take turns
-    start = _clock()
-    out = PATHS[path](x, weight, bias)
-    trials[path].append((_clock() - start) / max(1, x.numel() * weight.shape[0]))
-    if all(len(times) > SAMPLES for times in trials.values()):
-        _chosen[key] = faster(_trials.pop(key))
-    return out
+    if key not in _chosen:
+        _chosen[key] = faster(x, weight, bias)
+    return PATHS[_chosen[key]](x, weight, bias)
 
 
 def choices() -> dict[tuple, str]:

@@ -342,9 +342,10 @@ class Tokenizer:
         text = self._render(messages, variables)
         # A template may drop the messages of a role it does not know, silently; transformers renders
         # them all the same. So each new role is probed once: rendered with its contents replaced by a
-        # marker, which must show (a marker, not the contents: templates may trim or rewrite those).
+        # marker, which must show (a marker, not the contents: templates may trim or rewrite those; digits,
+        # which no case change, trim or title touches).
         for role in {m.get("role") for m in messages} - self.known_roles:
-            marker = "minidpo-role-probe"
+            marker = "5093172864"
             probe = [{**m, "content": marker} if m.get("role") == role else m for m in messages]
             if marker not in self._render(probe, variables):
                 raise ValueError(f"{self.template_origin}: the chat template drops messages with role {role!r}")

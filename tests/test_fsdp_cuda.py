@@ -16,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 import minidpo
 from minidpo.distributed import gathered
 from minidpo.sampler import Sampler
-from test_sampler import prompts, reference
+from sampler_world import prompts, reference
 
 pytestmark = pytest.mark.gpu
 

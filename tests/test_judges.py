@@ -17,7 +17,7 @@ from minidpo.judges import (JudgeError, KeywordJudge, LLMJudge, OpenAIJudge, Rew
                             RewardModel, RewardModelJudge, ShorterJudge, load_reward_function, make_judge,
                             prompt_text, shuffle_pairs)
 from minidpo.tokenizer import Tokenizer
-from test_tokenizer import byte_level_bpe
+from tokenizer_world import byte_level_bpe
 
 # ---------------------------------------------------------------------------------------------
 # Reward model: scores equal transformers' AutoModelForSequenceClassification on the same text.

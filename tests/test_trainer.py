@@ -19,68 +19,20 @@ import transformers as T
 from safetensors.torch import load_file
 
 import minidpo
-import train
 from fakes import FixedSampler
 from minidpo import outputs
 from minidpo import trainer as trainer_module
 from minidpo.config import parse_args
 from minidpo.trainer import Trainer
-from tiny_world import EOS, MODEL, PAD, SPECIALS, VOCAB, WORDS, save_model
+from tiny_world import EOS, PAD, SPECIALS, VOCAB, WORDS, base, run, words, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def words(i: int, n: int) -> str:
-    return " ".join(WORDS[3 + (i * 7 + j * 3) % (len(WORDS) - 3)] for j in range(n))
-
-
-def write_jsonl(path: Path, rows) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Paths of the tiny models and datasets every test here shares (read-only)."""
-    root = tmp_path_factory.mktemp("world")
-    torch.manual_seed(0)
-    paths = {
-        "llama": save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2))),
-        "neox": save_model(root / "neox", T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**MODEL, rotary_pct=0.25))),
-        "neox_rm": save_model(root / "neox_rm", T.GPTNeoXForSequenceClassification(
-            T.GPTNeoXConfig(**MODEL, rotary_pct=0.25, num_labels=1))),
-    }
-    # Half the prompts conversational, half standard: the trainer takes both.
-    rows = [{"prompt": [{"role": "user", "content": words(i, 2 + i % 4)}]} if i % 2 else
-            {"prompt": words(i, 3 + i % 3)} for i in range(32)]
-    paths["prompts"] = write_jsonl(root / "prompts.jsonl", rows)
-    # TL;DR-like standard rows with the extra completion column trl-lib/tldr has.
-    paths["tldr"] = write_jsonl(root / "tldr.jsonl", [
-        {"prompt": f"{words(i, 6)} tell me about it", "completion": words(i + 1, 3)} for i in range(16)])
-    return paths
-
-
-def run(argv) -> int:
-    return train.main([str(a) for a in argv])
-
-
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def base(world, out, *extra):
-    return ["--model_name_or_path", world["llama"], "--dataset_name", world["prompts"], "--output_dir", out,
-            "--max_new_tokens", 8, "--max_length", 64, "--logging_steps", 1, "--save_steps", 0, *extra]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from a second thread, and OpenMP's two threads stall for whole
-    # milliseconds per operation whenever another process holds a core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mean(rows, name):

@@ -19,8 +19,8 @@ from minidpo.data import PromptSampler
 from minidpo.judges import Preference
 from minidpo.tokenizer import Tokenizer
 from minidpo.trainer import Trainer
-from test_tokenizer import LLAMA2_TEMPLATE, backend, chatml_config, write_dir  # noqa: F401 (backend: a fixture)
-from test_trainer import words, write_jsonl
+from tokenizer_world import LLAMA2_TEMPLATE, chatml_config, write_dir
+from tiny_world import words, write_jsonl
 from tiny_world import MODEL, save_model
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as T
 
-from test_pair_rm import save_pair_rm
+from pair_rm_world import save_pair_rm
 from tiny_world import MODEL, WORDS, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))

@@ -1,9 +1,15 @@
-"""A tiny world shared by the trainer and distributed tests: ~70 words, ChatML specials, and a
+"""A tiny world shared by the trainer, distributed and judge tests: ~70 words, ChatML specials, and a
 pad token distinct from EOS (transformers' sequence classifiers find each row's last token
-through pad_token_id, so EOS must not be the pad)."""
+through pad_token_id, so EOS must not be the pad); tiny models and datasets built on it
+(make_world, the `world` fixture of conftest.py) and the command line that trains on them."""
 
 import json
 from pathlib import Path
+
+import torch
+import transformers as T
+
+import train
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
@@ -38,3 +44,40 @@ def save_model(path: Path, model) -> Path:
     model.save_pretrained(path)
     save_tokenizer(path)
     return path
+
+
+def words(i: int, n: int) -> str:
+    return " ".join(WORDS[3 + (i * 7 + j * 3) % (len(WORDS) - 3)] for j in range(n))
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def make_world(root: Path) -> dict:
+    """Paths of the tiny models and datasets the trainer tests share (read-only)."""
+    torch.manual_seed(0)
+    paths = {
+        "llama": save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2))),
+        "neox": save_model(root / "neox", T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**MODEL, rotary_pct=0.25))),
+        "neox_rm": save_model(root / "neox_rm", T.GPTNeoXForSequenceClassification(
+            T.GPTNeoXConfig(**MODEL, rotary_pct=0.25, num_labels=1))),
+    }
+    # Half the prompts conversational, half standard: the trainer takes both.
+    rows = [{"prompt": [{"role": "user", "content": words(i, 2 + i % 4)}]} if i % 2 else
+            {"prompt": words(i, 3 + i % 3)} for i in range(32)]
+    paths["prompts"] = write_jsonl(root / "prompts.jsonl", rows)
+    # TL;DR-like standard rows with the extra completion column trl-lib/tldr has.
+    paths["tldr"] = write_jsonl(root / "tldr.jsonl", [
+        {"prompt": f"{words(i, 6)} tell me about it", "completion": words(i + 1, 3)} for i in range(16)])
+    return paths
+
+
+def run(argv) -> int:
+    return train.main([str(a) for a in argv])
+
+
+def base(world, out, *extra):
+    return ["--model_name_or_path", world["llama"], "--dataset_name", world["prompts"], "--output_dir", out,
+            "--max_new_tokens", 8, "--max_length", 64, "--logging_steps", 1, "--save_steps", 0, *extra]
