@@ -59,12 +59,17 @@ TOKEN_IDS = ("a token id or a list of token ids",
              lambda v: COUNT[1](v) or isinstance(v, list) and all(COUNT[1](i) for i in v))
 
 
+def temp_name(target: Path) -> Path:
+    """The hidden `.NAME.tmp` beside `target` that temp_dir_beside creates."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.tmp")
+
+
 def temp_dir_beside(target: Path) -> Path:
     """A new, empty hidden directory `.NAME.tmp` next to `target`, to build it in and rename into
     place. The name is fixed (every rank of a run finds it), so a crashed run's leftover is removed
     here; a plain mkdir gives it the permissions the umask allows, as the final directory should have."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = temp_name(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp

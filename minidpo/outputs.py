@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .checkpoint import write_pretrained
-from .common import COUNT, OBJECT, SIZE, check_keys, error_line, replace_dir, temp_dir_beside
+from .common import COUNT, OBJECT, SIZE, check_keys, error_line, replace_dir, temp_dir_beside, temp_name
 from .distributed import Dist, barrier, full_state_dict
 from .lora import write_adapter
 
@@ -107,10 +107,10 @@ class Checkpoints:
 
     def save(self, step: int, model, optimizer, scheduler, tokenizer, config: dict, generator=None):
         final = self.output_dir / f"checkpoint-{step}"
+        tmp = temp_name(final)  # every rank writes into it; rank 0 makes it
         if self.dist.is_main:
-            tmp = temp_dir_beside(final)
+            temp_dir_beside(final)
         barrier()
-        tmp = final.with_name(f".{final.name}.tmp")
         try:
             self.write(tmp, step, model, optimizer, scheduler, tokenizer, config, generator)
         except (Exception, dcp.CheckpointException) as e:  # e.g. a full disk

@@ -278,12 +278,11 @@ class Trainer:
         # [B, 2C] token log-probs (chosen | rejected) -> [B, 2] sums over each completion's tokens
         seq = (logps.view(B, 2, C) * mask).sum(-1)
         mean = seq / mask.sum(-1).clamp(min=1)  # per-token means, for SimPO and the NLL term
-        if cfg.loss_type == "simpo":
-            loss_sum, _ = dpo_loss(mean[:, 0], mean[:, 1], None, None, rollout.beta, "simpo", rollout.decided,
-                                   cfg.label_smoothing, cfg.simpo_gamma)
-        else:
-            loss_sum, _ = dpo_loss(seq[:, 0], seq[:, 1], ref_seq[:, 0], ref_seq[:, 1], rollout.beta, cfg.loss_type,
-                                   rollout.decided, cfg.label_smoothing)
+        # SimPO compares per-token means and has no reference; the other losses compare sums against it.
+        chosen, rejected = (mean if cfg.loss_type == "simpo" else seq).unbind(1)
+        ref_chosen, ref_rejected = (None, None) if ref_seq is None else ref_seq.unbind(1)
+        loss_sum, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, rollout.beta, cfg.loss_type,
+                               rollout.decided, cfg.label_smoothing, cfg.simpo_gamma)
         if cfg.rpo_alpha:  # RPO: alpha x the chosen completion's NLL per token (Pang et al. 2024)
             loss_sum = loss_sum + cfg.rpo_alpha * torch.where(rollout.decided, -mean[:, 0], 0.0).sum()
         self.stop_unless_finite("loss", loss_sum)
