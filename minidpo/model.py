@@ -177,9 +177,9 @@ class Attention(nn.Module):
             self.k_norm = make_norm(cfg, cfg.head_dim if per_head else kv_dim)
 
     def forward(self, x, cos, sin, mask, kv=None, slots=None):
-        """x [B, T, hidden]; cos/sin None for a layer without rotary; mask [B, 1, T, S] bool or None
-        for plain causal; kv: this layer's (keys, values) cache buffers [B, kv_heads, S, head_dim],
-        written at columns `slots`."""
+        """x [B, T, hidden]; cos/sin None for a layer without rotary; mask [B, 1, group*T, S] bool
+        (fold_groups) or None for plain causal; kv: this layer's (keys, values) cache buffers
+        [B, kv_heads, S, head_dim], written at columns `slots`."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -199,10 +199,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv, scale=self.scale)
         else:
             # With a mask, fused kernels reject enable_gqa and fall back to the slow math path.
-            # Fold each KV group's query heads into the query axis instead ([B, Hkv, group*T, D]);
-            # the mask rows repeat per group. Keys and values are never copied.
-            group = H // Hkv
-            q, mask = q.reshape(B, Hkv, group * T, D), mask.repeat(1, 1, group, 1)
+            # Fold each KV group's query heads into the query axis instead ([B, Hkv, group*T, D]), as
+            # the mask's rows are (fold_groups). Keys and values are never copied.
+            q = q.reshape(B, Hkv, H // Hkv * T, D)
             if self.softcap or (T == 1 and x.device.type == "cpu"):
                 # Spelled out: soft-capping has no fused kernel, and for a CPU decode step (one query
                 # per row) the fused kernel's setup costs about twice the arithmetic.
@@ -278,12 +277,13 @@ class KVCache:
     def max_len(self) -> int:
         return self.valid.shape[1]
 
-    def rows(self, index: slice) -> "KVCache":
-        """A view of some rows (e.g. the first R, or every n-th): writes through it land in this cache."""
+    def view(self, rows: slice, columns: int | None = None) -> "KVCache":
+        """A view of some rows (e.g. the first R, or every n-th) and the first `columns` columns (None:
+        all): writes through it land in this cache."""
         view = object.__new__(KVCache)
-        view.k = [k[index] for k in self.k]
-        view.v = [v[index] for v in self.v]
-        view.valid = self.valid[index]
+        view.k = [k[rows, :, :columns] for k in self.k]
+        view.v = [v[rows, :, :columns] for v in self.v]
+        view.valid = self.valid[rows, :columns]
         return view
 
 
@@ -335,9 +335,11 @@ class Transformer(nn.Module):
             mask = None  # SDPA's plain causal attention, unless soft-capping (spelled out) needs a mask
             if self.cfg.attn_softcap:
                 mask = causal_mask(T, input_ids.device)
+        group = self.cfg.num_heads // self.cfg.num_kv_heads
         if self.cfg.sliding_window is not None:
             near = positions[:, None, :, None] - key_positions[:, None, None, :] < self.cfg.sliding_window
-            sliding_mask = near & (mask if mask is not None else causal_mask(T, input_ids.device))
+            sliding_mask = fold_groups(near & (mask if mask is not None else causal_mask(T, input_ids.device)), group)
+        mask = fold_groups(mask, group)
         x = self.embed(input_ids)
         if self.cfg.embed_scale:  # Gemma rounds sqrt(hidden_size) to the embeddings' dtype first
             x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype)  # 0-dim: a scalar on any device
@@ -385,6 +387,12 @@ class Transformer(nn.Module):
         causal = key_slots[None, :] <= query_slots[:, None]
         itself = key_slots[None, :] == query_slots[:, None]
         return (key_valid[:, None, None, :] & causal) | itself
+
+
+def fold_groups(mask, group: int):
+    """A mask [B, 1, T, S] with its rows repeated for each query head of a KV group, [B, 1, group*T, S]:
+    attention folds a group's heads into the query axis. Once per forward, not once per layer."""
+    return None if mask is None else mask.repeat(1, 1, group, 1)
 
 
 def causal_mask(T: int, device) -> torch.Tensor:

@@ -97,7 +97,7 @@ class DecodeGraph:
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.real = torch.ones(rows, 1, dtype=torch.long, device=device)  # the attention mask: no padding
-        cache = cache.rows(slice(0, rows))
+        cache = cache.view(slice(0, rows))
 
         def step():
             return step_fn(self.token, self.real, cache=cache, slots=self.slot, logits_to_keep=1)[:, -1]
@@ -192,7 +192,7 @@ class Sampler:
                 if t == 0:
                     logits = self.prefill(prompt, torch.ones_like(prompt), 1)
                 else:
-                    logits = self.decode(token, torch.tensor([prompt.shape[1] + t - 1], device=device))
+                    logits = self.decode(token, prompt.shape[1] + t - 1)
                 token = sample(logits, temperature, top_k, top_p, min_p, generator)
             if token.item() in eos_token_ids:
                 return
@@ -217,7 +217,6 @@ class Sampler:
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
         ids = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        slots = torch.arange(prompt_len, prompt_len + max_new_tokens, device=device)
         # `finished.all()` makes the host wait for the device. On CPU that costs nothing; on CUDA it
         # drains the queue of launched work, so check every few steps and waste at most a few steps.
         check_every = 8 if device.type == "cuda" else 1
@@ -233,7 +232,7 @@ class Sampler:
             finished |= torch.isin(token, eos)
             if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and finished.all()):
                 break
-            logits = self.decode(token, slots[t : t + 1])
+            logits = self.decode(token, prompt_len + t)
         return ids, torch.isin(ids, eos)
 
     def prefill(self, input_ids, attention_mask, n: int):
@@ -244,7 +243,7 @@ class Sampler:
         # up to its own, and this call rewrites those first. But an empty cache needs no such argument.)
         self.cache.valid.zero_()
         # Prefill the first sample of each prompt (rows 0, n, 2n, ...), then copy it to the others.
-        first_rows = self.cache.rows(slice(0, prompts * n, n))
+        first_rows = self.cache.view(slice(0, prompts * n, n))
         slots = torch.arange(prompt_len, device=input_ids.device)
         logits = self.model(input_ids, attention_mask, cache=first_rows, slots=slots, logits_to_keep=1)
         copy_to_siblings(self.cache, prompts, n, prompt_len)
@@ -278,16 +277,17 @@ class Sampler:
                 self.graphs[rows] = DecodeGraph(self.step_fn, self.cache, rows)
             self.captures += 1
 
-    def decode(self, token, slot):
-        """Logits [rows, V] for one new token per row, written at cache column `slot` ([1])."""
+    def decode(self, token, column: int):
+        """Logits [rows, V] for one new token per row, written at cache column `column`."""
         rows = token.shape[0]
         if not self.use_graphs:
-            step = token[:, None]
-            cache = self.cache.rows(slice(0, rows))
+            # Attend over the columns written so far, not the whole cache (a graph's shapes are fixed).
+            step, cache = token[:, None], self.cache.view(slice(0, rows), column + 1)
+            slot = torch.tensor([column], device=token.device)
             return self.step_fn(step, torch.ones_like(step), cache=cache, slots=slot, logits_to_keep=1)[:, -1]
         graph = self.graphs[bucket(rows)]
         graph.token[:rows, 0] = token  # rows beyond `rows` decode stale tokens; their output is unused
-        graph.slot.copy_(slot)
+        graph.slot.fill_(column)
         graph.graph.replay()
         return graph.logits[:rows]
 

@@ -51,7 +51,7 @@ def test_cached_decode_matches_full_forward(tmp_path_factory, family):
             token = torch.randint(1, VOCAB, (len(seqs),), generator=g)
             seqs = torch.cat([seqs, token[:, None]], 1)
             seq_mask = torch.cat([seq_mask, torch.ones_like(token)[:, None]], 1)
-            logits = sampler.decode(token, torch.tensor([ids.shape[1] + t]))
+            logits = sampler.decode(token, ids.shape[1] + t)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
