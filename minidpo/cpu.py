@@ -1,16 +1,13 @@
 """Two things that make minidpo fast on CPU, each measured in bench/RESULTS.md.
 
 1. fp32 linear layers through the faster of two GEMM libraries for each shape, found by timing.
-   PyTorch's CPU build hands fp32 matmuls to MKL's sgemm; oneDNN, which PyTorch already uses for
-   bf16, generates kernels for the CPU it runs on. Which one is faster depends on the CPU and the
-   shape (on the 2-core AMD EPYC of the results oneDNN, up to 2x on decode rows and the vocabulary
-   projection; on Intel Xeons MKL, most at batch 1), so neither is assumed: each shape class (rows,
-   in and out features rounded up to powers of two, and which operands are transposed views) times
-   its first product on both paths (faster()) before computing it, and the faster path serves the
-   class for the rest of the process. Both are fp32 products that differ by rounding only. MINIDPO_CPU_MATMUL=
-   onednn|mkl fixes the path (runs that must repeat bit for bit, benchmarks); auto is the default.
-   linear() is F.linear with that one difference: CUDA, bf16, autocast and float64 go to F.linear
-   unchanged (bf16 runs through oneDNN there already).
+   PyTorch hands fp32 matmuls to MKL's sgemm; oneDNN (PyTorch's bf16 path) generates kernels for
+   the CPU it runs on. Which is faster depends on the CPU and the shape (oneDNN by up to 2x on the
+   AMD EPYC of the results, at decode rows and on the vocabulary projection; MKL on Intel Xeons,
+   most at batch 1), so each shape class times its first product on both (faster()) and keeps the
+   faster for the process. Both are fp32 products that differ by rounding only.
+   MINIDPO_CPU_MATMUL=onednn|mkl fixes the path (bit-for-bit repeats, benchmarks); auto is the
+   default. CUDA, bf16, autocast and float64 go to F.linear unchanged.
 
 2. Freed memory kept for reuse (keep_freed_memory). glibc serves every allocation over 32 MiB
    with a fresh mmap and unmaps it on free, so each training step's large tensors (a chunk of

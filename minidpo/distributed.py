@@ -49,16 +49,12 @@ def init_distributed(use_cpu: bool = False) -> Dist:
 def shard(model: torch.nn.Module, d: Dist, bf16: bool = False, frozen: bool = False) -> torch.nn.Module:
     """Shard `model` across the ranks with FSDP2, in place; with one process, leave it as it is.
 
-    Each transformer block is its own FSDP unit, gathered just before it runs and freed after,
-    so at most about one block's full weights exist at a time beyond the shards. The root unit
-    holds what is left (embeddings, final norm, head). Under --bf16 the gathered weights are bf16
-    (what the matmuls use anyway) while the shards, the optimizer state and the gradient
-    reduction stay fp32. The root of a trained model keeps its gathered weights from forward to
-    backward, which needs them at once (fully_shard's default); a frozen model has no backward,
-    so its root frees them after each forward too.
-
-    A trained model's gradients are summed over the ranks, not averaged: the trainer divides each
-    loss by the step's count over all ranks already (a plain SUM, which every backend has).
+    Each transformer block is its own FSDP unit, gathered just before it runs and freed after; the
+    root unit holds the rest (embeddings, final norm, head). Under --bf16 the gathered weights are
+    bf16 while the shards, the optimizer state and the gradient reduction stay fp32. A trained
+    model's root keeps its gathered weights from forward to backward (fully_shard's default); a
+    frozen one has no backward and frees them after each forward. Gradients are summed over the
+    ranks, not averaged: the trainer already divides each loss by the step's count over all ranks.
     """
     if d.world_size == 1:
         return model
@@ -83,12 +79,11 @@ def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
 def gathered(model: torch.nn.Module):
     """Hold the full weights of a sharded model for the duration of a `with` block (a rollout).
 
-    Generation runs one forward per token. Without this, every token would all-gather every
-    block and free it again. It also keeps generation free of collectives: ranks stop decoding
-    at different steps (when their own rows reach EOS), which per-forward gathers would turn into
-    a hang. The cost is memory: the whole model unsharded, in the gathered dtype, for the rollout.
-    Enter it outside torch.inference_mode: weights gathered inside it would be inference tensors,
-    which FSDP cannot gather into again at the next training forward.
+    Generation runs one forward per token: without this, every token would gather and free every
+    block, and ranks that stop decoding at different steps (their rows reach EOS) would hang in
+    those collectives. The cost is the whole model unsharded for the rollout. Enter it outside
+    torch.inference_mode: weights gathered inside it would be inference tensors, which FSDP cannot
+    gather into again at the next training forward.
     """
     units = fsdp_units(model)
     for unit in units:  # unshard() is not recursive: one call per block and one for the root

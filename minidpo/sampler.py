@@ -119,18 +119,12 @@ class Sampler:
     """Generates from `model`, keeping its KV cache and CUDA graphs from one call to the next.
 
     Keep one Sampler per model for the whole run. Graphs read the weights at the addresses they had
-    at capture, so the optimizer's in-place updates need no recapture; if a weight tensor is replaced
-    (a checkpoint loaded with assign=True, the model moved), the graphs are captured again.
-
-    Under FSDP2 the trainer gathers the full weights around each generate() call
-    (distributed.gathered). The model's parameters are then plain tensors, but FSDP allocates
-    their storage anew at every gather, so the addresses change from one rollout to the next and
-    on CUDA the graphs are recaptured once per rollout. Measured on an H100 (Qwen2-0.5B shape,
-    16 rows x 64 tokens): 0.37 s a rollout recapturing, 0.27 s with graphs kept, so capture still
-    pays (eager decoding costs several times more); keeping a gathered copy at fixed addresses
-    would save the 0.1 s for a full copy of the weights in memory. The dtype is read from the sharded weights
-    (fp32 DTensors) while FSDP gathers them in its param_dtype: pass `dtype` (the trainer passes
-    bf16 under --bf16) so that the KV cache matches what the gathered weights compute in.
+    at capture: in-place optimizer updates need no recapture, a replaced weight tensor (a checkpoint
+    loaded with assign=True, the model moved, FSDP2's fresh storage at every gather) does. Under
+    FSDP2 that is once per rollout; on an H100 (Qwen2-0.5B shape, 16 rows x 64 tokens) a rollout
+    took 0.37 s recapturing and 0.27 s with graphs kept, still far below eager decoding.
+    `dtype`: what the gathered weights compute in (the trainer passes bf16 under --bf16), since the
+    sharded weights read fp32; the KV cache is allocated in it.
     """
 
     def __init__(self, model: Transformer, cuda_graphs: bool = True, compile: bool = False, dtype=None):
