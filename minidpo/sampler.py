@@ -237,7 +237,7 @@ class Sampler:
         # up to its own, and this call rewrites those first. But an empty cache needs no such argument.)
         self.cache.valid.zero_()
         # Prefill the first sample of each prompt (rows 0, n, 2n, ...), then copy it to the others.
-        first_rows = self.cache.view(slice(0, prompts * n, n))
+        first_rows = self.cache.view(slice(0, prompts * n, n), prompt_len)
         slots = torch.arange(prompt_len, device=input_ids.device)
         logits = self.model(input_ids, attention_mask, cache=first_rows, slots=slots, logits_to_keep=1)
         copy_to_siblings(self.cache, prompts, n, prompt_len)
