@@ -173,8 +173,7 @@ class RewardFunctions:
 
     A reward function is a callable (prompts, completions, **kwargs) -> list[float] (a RewardModel
     is one); the keyword arguments are passed through. A value of None means "no opinion on this
-    completion" and is left out of its weighted sum, as in TRL.
-    """
+    completion" and is left out of its weighted sum, as in TRL."""
 
     def __init__(self, funcs: list, weights: list[float] | None = None):
         if weights is not None and len(weights) != len(funcs):
@@ -230,8 +229,7 @@ class LLMJudge(PairwiseJudge):
     and preferences() cancels that bias exactly; shuffle_order is then moot. Without it each pair is
     shown once, shuffled if asked, and its preference is its label gap. A pair is undecided (-1) when
     its preference is within `margin`: 0.01 nats is far above batching's rounding (~1e-5) and below
-    what an instruction moves (~0.1), so only pairs the model can hardly tell apart are -1.
-    """
+    what an instruction moves (~0.1), so only pairs the model can hardly tell apart are -1."""
 
     def __init__(self, model, tokenizer, instruction: str = DEFAULT_INSTRUCTION, labels=("A", "B"),
                  margin: float = 0.01, batch_size: int = 8, seed: int = 0, both_orders: bool = True):
@@ -300,8 +298,7 @@ class OpenAIJudge(PairwiseJudge):
     Each try has `timeout` seconds in all (connecting, sending, every byte of the reply), so a
     pair gives up after at most (max_retries + 1) * timeout + backoff * (2**(max_retries + 1) - 2)
     seconds: 40 + 28 with the defaults, about a minute before "the judge is down". Redirects are
-    never followed: the API key goes to the configured host and no other. No proxy is used.
-    """
+    never followed: the API key goes to the configured host and no other. No proxy is used."""
 
     def __init__(self, model: str = "gpt-4o-mini", base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  instruction: str = DEFAULT_INSTRUCTION, timeout: float = 10.0, max_retries: int = 3,
@@ -415,33 +412,27 @@ def make_judge(name: str, **options) -> PairwiseJudge:
     return JUDGES[name](**options)
 
 
-# ---------------------------------------------------------------------------------------------
-# The trainer's use of all of the above.
-
-
 class Preference:
     """Which of each prompt's n sampled completions are chosen and rejected (the rollout's last part).
 
     A pairwise judge compares a prompt's two completions; -1 (undecided) drops the pair. A reward
     model and/or reward functions (weighted by reward_weights, the model's first) score each
     completion, completions without EOS lose missing_eos_penalty, and the best-scored completion is
-    chosen, the worst rejected. Of two scores the higher wins and the first on a tie, as in the reference.
-    """
+    chosen, the worst rejected. Of two scores the higher wins and the first on a tie, as in the reference."""
 
     def __init__(self, cfg, device):
         self.judge, self.scorers, self.penalty = None, [], cfg.missing_eos_penalty
+        dtype = torch.bfloat16 if cfg.bf16 else None  # fp32 unless --bf16: near-tie verdicts can flip in half precision
+        options = {}
+        if cfg.judge == "llm":
+            options = {"path": cfg.judge_model or cfg.model_name_or_path, "device": device,
+                       "instruction": cfg.judge_instruction or DEFAULT_INSTRUCTION}
+        elif cfg.judge == "pair_rm":
+            options = {"device": device, "dtype": dtype, **({"path": cfg.judge_model} if cfg.judge_model else {})}
         if cfg.judge:
-            options = {}
-            if cfg.judge == "llm":
-                options = {"path": cfg.judge_model or cfg.model_name_or_path, "device": device,
-                           "instruction": cfg.judge_instruction or DEFAULT_INSTRUCTION}
-            elif cfg.judge == "pair_rm":  # fp32 unless --bf16: near-tie verdicts can flip in half precision
-                options = {"device": device, "dtype": torch.bfloat16 if cfg.bf16 else None,
-                           **({"path": cfg.judge_model} if cfg.judge_model else {})}
             self.judge = make_judge(cfg.judge, **options)
         if cfg.reward_model_path:
-            self.scorers.append(RewardModel.from_pretrained(
-                cfg.reward_model_path, dtype=torch.bfloat16 if cfg.bf16 else None, device=device))
+            self.scorers.append(RewardModel.from_pretrained(cfg.reward_model_path, dtype=dtype, device=device))
         self.scorers += [load_reward_function(f) for f in cfg.reward_funcs or []]
         self.rewards = RewardFunctions(self.scorers, cfg.reward_weights)
 

@@ -214,10 +214,6 @@ def load_pair_rm(path, dtype=None, device=None) -> tuple[PairRM, dict]:
     return model.eval(), config
 
 
-# ---------------------------------------------------------------------------------------------
-# The judge.
-
-
 class PairRMJudge(PairwiseJudge):
     """PairRM as a pairwise judge, as TRL 1.0's PairRMJudge: judge() gives, per prompt, the index
     of the better completion (0 on an exact tie, as there), or with return_scores the probability

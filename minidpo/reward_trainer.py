@@ -41,8 +41,7 @@ class RewardTrainer(Trainer):
     def labelled_pairs(self, rows: list[dict]) -> LabelledPairs:
         prompts = [row["prompt"] for row in rows] * 2
         completions = [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
-        ids, mask = self.tokenizer.encode_rows(prompts, completions, padding_side="right",
-                                               max_length=self.cfg.max_length)
+        ids, mask = self.tokenizer.encode_rows(prompts, completions, padding_side="right", max_length=self.cfg.max_length)
         device = self.dist.device
         return LabelledPairs(ids.to(device), mask.to(device), torch.ones(len(rows), dtype=torch.bool, device=device))
 
