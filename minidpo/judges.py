@@ -4,15 +4,13 @@
   undecided (a tie, an unreadable answer, a request that failed after every retry). Rule judges need
   nothing external; LLMJudge asks a local instruct model (the paper's "LLM annotator"); OpenAIJudge a
   chat-completions endpoint; PairRMJudge (pair_rm.py) runs llm-blender's PairRM, the reference's default.
-- Pointwise scores rate each completion alone: RewardModel or RewardFunctions. The trainer subtracts
-  missing_eos_penalty from the scores of completions that never ended and picks the higher of each pair.
+- Pointwise scores rate each completion alone: RewardModel or RewardFunctions. Preference turns
+  either kind into the rollout's chosen and rejected completions.
 
 The trainer drops undecided pairs from the loss and counts them in a metric, so one bad judgment
-never stops a run. Only when every pair of a call fails does OpenAIJudge raise JudgeError: an
-endpoint that is down should end the run early rather than let it train on nothing.
-
-Judges read prompts as plain text (prompt_text); only the reward model re-renders a conversation
-with its own chat template, because that is the text it was trained to score.
+never stops a run; but an endpoint that is down ends the run (OpenAIJudge's JudgeError) rather than
+let it train on nothing. Judges read prompts as plain text (prompt_text); only the reward model
+re-renders a conversation with its own chat template, because that is the text it was trained to score.
 """
 
 import concurrent.futures
@@ -43,7 +41,8 @@ class JudgeError(RuntimeError):
 
 def prompt_text(prompt) -> str:
     """A prompt as plain text: a string as it is, a conversation as "Role: content" paragraphs."""
-    return prompt if isinstance(prompt, str) else "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
+    return prompt if isinstance(prompt, str) else "\n\n".join(
+        f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
 
 
 def shuffle_pairs(pairs, rng: random.Random, shuffle: bool = True):
@@ -144,15 +143,15 @@ class RewardModel:
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(prompts), self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            texts = prompts[rows], completions[rows]
+            texts = prompts[start:start + self.batch_size], completions[start:start + self.batch_size]
             ids, mask = self.tokenizer.encode_rows(*texts, padding_side=self.padding_side)
             if self.max_length and ids.shape[1] > self.max_length:
                 if not self.warned:
                     print(f"warning: the reward model reads at most {self.max_length} tokens; longer prompts + "
                           "completions lose their start", file=sys.stderr)
                 self.warned = True
-                ids, mask = self.tokenizer.encode_rows(*texts, padding_side=self.padding_side, max_length=self.max_length)
+                ids, mask = self.tokenizer.encode_rows(*texts, padding_side=self.padding_side,
+                                                       max_length=self.max_length)
             ids, mask = ids.to(device), mask.to(device)
             scores.append(last_token_scores(self.model(ids, mask), mask)[:, 0].float())
         return torch.cat(scores).cpu()
@@ -189,7 +188,8 @@ class RewardFunctions:
                     not (v is None or isinstance(v, (int, float, torch.Tensor)) and math.isfinite(v)) for v in values):
                 raise ValueError(f"reward function {name} returned {str(values)[:60]}, not a list of numbers (or None)")
             if len(values) != len(completions):
-                raise ValueError(f"reward function {name} returned {len(values)} values for {len(completions)} completions")
+                raise ValueError(f"reward function {name} returned {len(values)} values for "
+                                 f"{len(completions)} completions")
             total += weight * torch.tensor([0.0 if v is None else float(v) for v in values])
         return total
 
@@ -245,7 +245,8 @@ class LLMJudge(PairwiseJudge):
         self.rng, self.both_orders = random.Random(seed), both_orders
 
     @classmethod
-    def from_pretrained(cls, path: str = "offline:SmolLM2-135M-Instruct", dtype=None, device=None, **options):
+    def from_pretrained(cls, path: str = "offline:SmolLM2-135M-Instruct", dtype=None, device=None,
+                        **options) -> "LLMJudge":
         model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
         return cls(model, tokenizer, **options)
 
@@ -259,7 +260,8 @@ class LLMJudge(PairwiseJudge):
         out = []
         for start in range(0, len(texts), self.batch_size):
             # Left padding puts every row's last token in the last column, the one logits_to_keep=1 keeps.
-            ids, mask = self.tokenizer(texts[start:start + self.batch_size], padding_side="left", add_special_tokens=False)
+            ids, mask = self.tokenizer(texts[start:start + self.batch_size], padding_side="left",
+                                       add_special_tokens=False)
             logits = self.model(ids.to(device), mask.to(device), logits_to_keep=1)[:, -1].float()
             out.append(logits.log_softmax(-1)[:, self.label_ids])
         return torch.cat(out).cpu()

@@ -172,11 +172,11 @@ def encoder_config(config: dict, shapes: dict, where) -> EncoderConfig:
                          "config: not a PairRM directory")
     try:
         vocab_size, hidden_size = shapes["pretrained_model.embeddings.word_embeddings.weight"]
-        sizes = dict(vocab_size=vocab_size, hidden_size=hidden_size,
-                     intermediate_size=shapes["pretrained_model.encoder.layer.0.intermediate.dense.weight"][0],
-                     num_layers=len({n.split(".")[3] for n in shapes if n.startswith("pretrained_model.encoder.layer.")}))
+        intermediate_size = shapes["pretrained_model.encoder.layer.0.intermediate.dense.weight"][0]
     except KeyError as e:
         raise ValueError(f"{where}: the weights have no {e.args[0]}: not a PairRM model") from None
+    sizes = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                 num_layers=len({n.split(".")[3] for n in shapes if n.startswith("pretrained_model.encoder.layer.")}))
     if ranker:
         return EncoderConfig(**sizes, num_heads=hidden_size // 64)  # DeBERTa-v3's heads are 64 wide
     types = config.get("pos_att_type") or []

@@ -1,10 +1,9 @@
 """Training a Bradley-Terry reward model (--objective reward) on a preference dataset.
 
-The loop, the step's shape (collect, then learn), checkpoints and logging are trainer.py's; only
-what a step collects and learns differs. Collecting reads labelled pairs (prompt, chosen, rejected)
-instead of sampling them; learning scores both completions with the model being trained and
-minimises -log sigma(r_chosen - r_rejected). The model starts as the causal LM's body with a
-fresh one-output `score` head and is saved as *ForSequenceClassification.
+The loop, the step's shape, checkpoints and logging are trainer.py's. Collecting reads labelled pairs
+(prompt, chosen, rejected) instead of sampling them; learning scores both completions with the model
+being trained and minimises -log sigma(r_chosen - r_rejected). The model starts as the causal LM's
+body with a fresh one-output `score` head and is saved as *ForSequenceClassification.
 """
 
 from dataclasses import dataclass
@@ -41,7 +40,8 @@ class RewardTrainer(Trainer):
     def labelled_pairs(self, rows: list[dict]) -> LabelledPairs:
         prompts = [row["prompt"] for row in rows] * 2
         completions = [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
-        ids, mask = self.tokenizer.encode_rows(prompts, completions, padding_side="right", max_length=self.cfg.max_length)
+        ids, mask = self.tokenizer.encode_rows(prompts, completions, padding_side="right",
+                                               max_length=self.cfg.max_length)
         device = self.dist.device
         return LabelledPairs(ids.to(device), mask.to(device), torch.ones(len(rows), dtype=torch.bool, device=device))
 
