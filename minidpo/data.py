@@ -20,11 +20,7 @@ EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 def load_prompts(name_or_path: str, split: str = "train", config: str | None = None) -> list[dict]:
     """A split's rows: {"prompt": a string or messages for a chat template, the other columns as they are}."""
-    rows = [row | {"prompt": _text(row, "prompt", where)} for path in data_files(name_or_path, split, config)
-            for where, row in read_rows(path)]
-    if not rows:
-        raise ValueError(f"{name_or_path}: split {split!r} has no rows")
-    return rows
+    return [row | {"prompt": _text(row, "prompt", where)} for where, row in split_rows(name_or_path, split, config)]
 
 
 def load_preferences(name_or_path: str, split: str = "train", config: str | None = None) -> list[dict]:
@@ -32,32 +28,34 @@ def load_preferences(name_or_path: str, split: str = "train", config: str | None
 
     Conversational datasets often store the whole conversation in chosen and rejected. Without a
     prompt column, the messages both start with are the prompt (an "implicit prompt"); with one, a
-    copy of the prompt at their start is cut off. Standard (string) rows need a prompt column.
-    """
+    copy of the prompt at their start is cut off. Standard (string) rows need a prompt column."""
     rows = []
-    for path in data_files(name_or_path, split, config):
-        for where, row in read_rows(path):
-            chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
-            if "prompt" in row:
-                prompt = _text(row, "prompt", where)
-                n = len(prompt)
-                if isinstance(prompt, list) and chosen[:n] == prompt == rejected[:n]:
-                    chosen, rejected = chosen[n:], rejected[n:]
-            elif isinstance(chosen, list) and isinstance(rejected, list):
-                n = 0
-                while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-                    n += 1
-                prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-                if not prompt:
-                    raise ValueError(f"{where}: no 'prompt' column, and 'chosen' and 'rejected' share no first message")
-            else:
-                raise ValueError(f"{where}: no 'prompt' column (an implicit prompt needs message lists)")
-            if len({type(prompt), type(chosen), type(rejected)}) > 1:
-                raise ValueError(f"{where}: 'prompt', 'chosen' and 'rejected' must be all strings or all message lists")
-            for column, value in (("chosen", chosen), ("rejected", rejected)):
-                if not value:
-                    raise ValueError(f"{where}: column {column!r} has nothing after the prompt")
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    for where, row in split_rows(name_or_path, split, config):
+        chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+        if "prompt" in row:
+            prompt = _text(row, "prompt", where)
+            n = len(prompt)
+            if isinstance(prompt, list) and chosen[:n] == prompt == rejected[:n]:
+                chosen, rejected = chosen[n:], rejected[n:]
+        elif isinstance(chosen, list) and isinstance(rejected, list):
+            n = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+            if not prompt:
+                raise ValueError(f"{where}: no 'prompt' column, and 'chosen' and 'rejected' share no first message")
+        else:
+            raise ValueError(f"{where}: no 'prompt' column (an implicit prompt needs message lists)")
+        if len({type(prompt), type(chosen), type(rejected)}) > 1:
+            raise ValueError(f"{where}: 'prompt', 'chosen' and 'rejected' must be all strings or all message lists")
+        for column, value in (("chosen", chosen), ("rejected", rejected)):
+            if not value:
+                raise ValueError(f"{where}: column {column!r} has nothing after the prompt")
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def split_rows(name_or_path: str, split: str, config: str | None) -> list[tuple[str, dict]]:
+    """(where, row) pairs of all the split's files (see data_files and read_rows); never none."""
+    rows = [pair for path in data_files(name_or_path, split, config) for pair in read_rows(path)]
     if not rows:
         raise ValueError(f"{name_or_path}: split {split!r} has no rows")
     return rows
@@ -85,8 +83,7 @@ def data_files(name_or_path: str, split: str = "train", config: str | None = Non
 
     In a directory, a file belongs to the split its name starts with (train-00000-of-00001.parquet,
     train.jsonl) or, in the Hub's parquet-conversion layout (train/0000.parquet), to its folder's.
-    `config` names a subdirectory, as in multi-configuration repos.
-    """
+    `config` names a subdirectory, as in multi-configuration repos."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return [path]
@@ -168,8 +165,7 @@ class PromptSampler:
     agree on the order without talking. The order is cut into batches and batch j goes to rank
     j % world_size. One process keeps a last partial batch. Several processes must run the same
     number of equal batches (a rank with one step more would hang in a collective), so, as
-    accelerate's even_batches, the epoch's last round is filled up with the prompts it began with.
-    """
+    accelerate's even_batches, the epoch's last round is filled up with the prompts it began with."""
 
     def __init__(self, items: list, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 42):
         self.items, self.batch_size, self.rank, self.world_size, self.seed = items, batch_size, rank, world_size, seed

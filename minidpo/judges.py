@@ -1,22 +1,16 @@
 """Preference feedback for online DPO: which of two sampled completions is better.
 
-Two kinds of feedback, as in the reference trainer:
 - A pairwise judge reads a prompt and both completions and names the better one: 0 or 1, or -1 when
-  undecided. Rule judges need nothing external; LLMJudge asks a local instruct model (the paper's
-  "LLM annotator"); OpenAIJudge asks a chat-completions endpoint; PairRMJudge (pair_rm.py) runs
-  llm-blender's PairRM ranker, the reference's default judge.
-- Pointwise scores rate each completion alone: RewardModel or RewardFunctions. The trainer subtracts
-  missing_eos_penalty from the scores of completions that never ended and picks the higher of each pair.
+  undecided (a tie, an unreadable answer, a request that failed after every retry). Rule judges need
+  nothing external; LLMJudge asks a local instruct model (the paper's "LLM annotator"); OpenAIJudge a
+  chat-completions endpoint; PairRMJudge (pair_rm.py) runs llm-blender's PairRM, the reference's default.
+- Pointwise scores rate each completion alone: RewardModel or RewardFunctions. Preference turns
+  either kind into the rollout's chosen and rejected completions.
 
-Undecided and failed judgments: a judge returns -1 for a pair it cannot decide (a tie, an
-unreadable answer, a request that failed after every retry). The trainer drops those pairs from the
-loss and counts them in a metric, so one bad judgment never stops a run. Only when every pair of a
-call fails does OpenAIJudge raise JudgeError: an endpoint that is down should end the run early
-rather than let it train on nothing.
-
-Judges read prompts as plain text. A conversational prompt (a list of {"role", "content"}
-messages) is rendered by prompt_text(); only the reward model re-renders it with its own chat
-template, because that is the text it was trained to score.
+The trainer drops undecided pairs from the loss and counts them in a metric, so one bad judgment
+never stops a run; but an endpoint that is down ends the run (OpenAIJudge's JudgeError) rather than
+let it train on nothing. Judges read prompts as plain text (prompt_text); only the reward model
+re-renders a conversation with its own chat template, because that is the text it was trained to score.
 """
 
 import concurrent.futures
@@ -47,16 +41,15 @@ class JudgeError(RuntimeError):
 
 def prompt_text(prompt) -> str:
     """A prompt as plain text: a string as it is, a conversation as "Role: content" paragraphs."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
+    return prompt if isinstance(prompt, str) else "\n\n".join(
+        f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
 
 
-def shuffle_pairs(pairs, rng: random.Random):
-    """Each pair in a random order, and which ones were swapped. Model judges tend to prefer one
-    position (often the first); showing the pairs in random order turns that bias into noise
-    instead of a systematic preference for completion 0."""
-    swapped = [rng.random() < 0.5 for _ in pairs]
+def shuffle_pairs(pairs, rng: random.Random, shuffle: bool = True):
+    """Each pair in a random order (if `shuffle`), and which ones were swapped. Model judges tend to
+    prefer one position (often the first); showing the pairs in random order turns that bias into
+    noise instead of a systematic preference for completion 0."""
+    swapped = [shuffle and rng.random() < 0.5 for _ in pairs]
     return [(b, a) if s else (a, b) for (a, b), s in zip(pairs, swapped)], swapped
 
 
@@ -82,35 +75,37 @@ class PairwiseJudge:
         raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------------------------
-# Rule judges: for demos and tests. Each scores a completion's text; the higher score wins.
+class ScoreJudge(PairwiseJudge):
+    """Scores each (prompt, completion) alone; the higher score wins, -1 on a tie. Nothing is shown
+    side by side, so there is no position bias and shuffle_order is ignored."""
 
-
-class RuleJudge(PairwiseJudge):
-    def score(self, completion: str):
+    def scores(self, prompts: list, completions: list[str]) -> list:
         raise NotImplementedError
 
     def judge(self, prompts, completion_pairs, shuffle_order=True):
-        scores = [(self.score(a), self.score(b)) for a, b in completion_pairs]
-        return [0 if a > b else 1 if b > a else -1 for a, b in scores]
+        scores = self.scores([p for p in prompts for _ in range(2)], [c for pair in completion_pairs for c in pair])
+        return [-1 if a == b else int(b > a) for a, b in zip(scores[::2], scores[1::2])]
 
 
-class ShorterJudge(RuleJudge):
+# Rule judges, for demos and tests.
+
+
+class ShorterJudge(ScoreJudge):
     """Prefers the completion with fewer characters; -1 when both are as long. A completion cut off
     at max_new_tokens (no EOS) is usually the longer one, so this also favours finished answers."""
 
-    def score(self, completion):
-        return -len(completion)
+    def scores(self, prompts, completions):
+        return [-len(c) for c in completions]
 
 
-class KeywordJudge(RuleJudge):
+class KeywordJudge(ScoreJudge):
     """Prefers the completion that contains `keyword` (case-insensitive); -1 when both or neither do."""
 
     def __init__(self, keyword: str = "please"):
         self.keyword = keyword.lower()
 
-    def score(self, completion):
-        return self.keyword in completion.lower()
+    def scores(self, prompts, completions):
+        return [self.keyword in c.lower() for c in completions]
 
 
 def brevity(prompts, completions, **kwargs) -> list[float]:
@@ -124,14 +119,11 @@ def brevity(prompts, completions, **kwargs) -> list[float]:
 
 
 class RewardModel:
-    """A sequence-classification model (num_labels=1) and its own tokenizer, scoring completions.
-
-    Each prompt + completion is re-rendered with the reward model's own tokenizer, as its training
-    data looked (Tokenizer.render). Rows are padded on `padding_side` (the score is
-    read at each row's last real token, so either side works). The whole text is scored, as TRL
-    does; only a row longer than max_length (by default the model's max_position_embeddings) is
-    truncated from the left, so that the end of the completion is always scored, with a warning.
-    """
+    """A sequence-classification model (num_labels=1) scoring each prompt + completion as its own
+    tokenizer renders them (Tokenizer.render), as its training data looked. The score is read at each
+    row's last real token, so either `padding_side` works. The whole text is scored, as TRL does; only
+    rows longer than max_length (by default max_position_embeddings) are cut from the left, with a
+    warning, so that the end of the completion is always scored."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
                  padding_side: str = "right"):
@@ -151,31 +143,28 @@ class RewardModel:
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(prompts), self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            ids, mask = self.tokenizer.encode_rows(prompts[rows], completions[rows], padding_side=self.padding_side)
+            texts = prompts[start:start + self.batch_size], completions[start:start + self.batch_size]
+            ids, mask = self.tokenizer.encode_rows(*texts, padding_side=self.padding_side)
             if self.max_length and ids.shape[1] > self.max_length:
                 if not self.warned:
                     print(f"warning: the reward model reads at most {self.max_length} tokens; longer prompts + "
                           "completions lose their start", file=sys.stderr)
                 self.warned = True
-                ids, mask = self.tokenizer.encode_rows(prompts[rows], completions[rows],
-                                                       padding_side=self.padding_side, max_length=self.max_length)
+                ids, mask = self.tokenizer.encode_rows(*texts, padding_side=self.padding_side,
+                                                       max_length=self.max_length)
             ids, mask = ids.to(device), mask.to(device)
             scores.append(last_token_scores(self.model(ids, mask), mask)[:, 0].float())
         return torch.cat(scores).cpu()
 
 
-class RewardModelJudge(PairwiseJudge):
-    """A reward model as a pairwise judge: the completion with the higher score wins, -1 on a tie.
-    Each completion is scored alone, so there is no position bias and shuffle_order is ignored."""
+class RewardModelJudge(ScoreJudge):
+    """A reward model as a pairwise judge."""
 
     def __init__(self, reward_model: RewardModel):
         self.reward_model = reward_model
 
-    def judge(self, prompts, completion_pairs, shuffle_order=True):
-        flat = [c for pair in completion_pairs for c in pair]
-        scores = self.reward_model([p for p in prompts for _ in range(2)], flat).view(-1, 2)
-        return [-1 if a == b else int(b > a) for a, b in scores.tolist()]
+    def scores(self, prompts, completions):
+        return self.reward_model(prompts, completions).tolist()
 
 
 class RewardFunctions:
@@ -183,8 +172,7 @@ class RewardFunctions:
 
     A reward function is a callable (prompts, completions, **kwargs) -> list[float] (a RewardModel
     is one); the keyword arguments are passed through. A value of None means "no opinion on this
-    completion" and is left out of its weighted sum, as in TRL.
-    """
+    completion" and is left out of its weighted sum, as in TRL."""
 
     def __init__(self, funcs: list, weights: list[float] | None = None):
         if weights is not None and len(weights) != len(funcs):
@@ -232,19 +220,16 @@ def load_reward_function(spec: str):
 class LLMJudge(PairwiseJudge):
     """A local instruct model judging pairs from the next-token log-probs of two labels.
 
-    The comparison (question, both responses, instruction) is rendered through the model's chat
-    template with the generation prompt, and one forward pass reads the log-probs of the two labels
-    as the first token of the answer: no sampling, so a verdict is deterministic for a given order.
-    Changing `instruction` changes what "better" means (the paper's controllable feedback).
+    One forward pass over the comparison, in the model's chat template with the generation prompt,
+    reads the two labels' log-probs as the answer's first token: no sampling, so a verdict is
+    deterministic for a given order. `instruction` sets what "better" means (controllable feedback).
 
     Small judges prefer the first response shown far more than anything they read in it (about
-    2.3 nats for SmolLM2-135M). With both_orders (the default) each pair is shown both ways and the
-    verdict comes from preferences(), where that bias cancels exactly, for two rows per pair;
-    shuffle_order is then moot. Without it each pair is shown once, shuffled if asked. A pair is
-    undecided (-1) when its preference (shown once: its label gap) is within `margin`. 0.01 nats
-    is far above batching's rounding (~1e-5) and below what an instruction moves (~0.1): only
-    pairs the model can hardly tell apart are -1, such as two equal completions (exactly 0).
-    """
+    2.3 nats for SmolLM2-135M). With both_orders (the default) each pair is shown both ways, two rows,
+    and preferences() cancels that bias exactly; shuffle_order is then moot. Without it each pair is
+    shown once, shuffled if asked, and its preference is its label gap. A pair is undecided (-1) when
+    its preference is within `margin`: 0.01 nats is far above batching's rounding (~1e-5) and below
+    what an instruction moves (~0.1), so only pairs the model can hardly tell apart are -1."""
 
     def __init__(self, model, tokenizer, instruction: str = DEFAULT_INSTRUCTION, labels=("A", "B"),
                  margin: float = 0.01, batch_size: int = 8, seed: int = 0, both_orders: bool = True):
@@ -293,53 +278,46 @@ class LLMJudge(PairwiseJudge):
         return gap[:, 0] - gap[:, 1]
 
     def judge(self, prompts, completion_pairs, shuffle_order=True):
+        completion_pairs, swapped = shuffle_pairs(completion_pairs, self.rng, shuffle_order and not self.both_orders)
         if self.both_orders:
-            return [-1 if abs(s) <= self.margin else int(s < 0)
-                    for s in self.preferences(prompts, completion_pairs).tolist()]
-        swapped = [False] * len(completion_pairs)
-        if shuffle_order:
-            completion_pairs, swapped = shuffle_pairs(completion_pairs, self.rng)
-        logprobs = self.label_logprobs(prompts, completion_pairs)
-        gap = (logprobs[:, 1] - logprobs[:, 0]).tolist()
-        verdicts = [-1 if abs(g) <= self.margin else int(g > 0) for g in gap]
+            preference = self.preferences(prompts, completion_pairs)
+        else:
+            logprobs = self.label_logprobs(prompts, completion_pairs)
+            preference = logprobs[:, 0] - logprobs[:, 1]
+        verdicts = [-1 if abs(s) <= self.margin else int(s < 0) for s in preference.tolist()]
         return unshuffle(verdicts, swapped)
 
 
 class OpenAIJudge(PairwiseJudge):
-    """An OpenAI-compatible chat-completions endpoint as the judge, over plain urllib.
+    """An OpenAI-compatible chat-completions endpoint as the judge, over plain http.client.
 
-    Each pair is one request, answered with "0" or "1"; any other reply is undecided (-1). A request
-    is retried with exponential backoff and jitter on HTTP 429/5xx, timeouts and connection errors;
-    a pair that still fails is -1 and counted in `self.failures` (over the judge's lifetime). If
-    every pair of a call fails, judge() raises JudgeError naming the endpoint and the last error.
-    Requests run `max_workers` at a time.
+    Each pair is one request, `max_workers` at a time, answered with "0" or "1"; any other reply is
+    undecided (-1). A request is retried with exponential backoff and jitter on HTTP 429/5xx, timeouts
+    and connection errors; a pair that still fails is -1 and counted in `self.failures` (over the
+    judge's lifetime). If every pair of a call fails, judge() raises JudgeError naming the endpoint
+    and the last error.
 
     Each try has `timeout` seconds in all (connecting, sending, every byte of the reply), so a
     pair gives up after at most (max_retries + 1) * timeout + backoff * (2**(max_retries + 1) - 2)
     seconds: 40 + 28 with the defaults, about a minute before "the judge is down". Redirects are
-    never followed: the API key goes to the configured host and no other. No proxy is used.
-    """
+    never followed: the API key goes to the configured host and no other. No proxy is used."""
 
-    def __init__(self, model: str = "gpt-4o-mini", base_url: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", instruction: str = DEFAULT_INSTRUCTION,
-                 timeout: float = 10.0, max_retries: int = 3, backoff: float = 1.0, max_workers: int = 8,
-                 seed: int = 0):
+    def __init__(self, model: str = "gpt-4o-mini", base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 instruction: str = DEFAULT_INSTRUCTION, timeout: float = 10.0, max_retries: int = 3,
+                 backoff: float = 1.0, max_workers: int = 8, seed: int = 0):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env, self.instruction = model, api_key_env, instruction
         self.timeout, self.max_retries, self.backoff, self.max_workers = timeout, max_retries, backoff, max_workers
-        self.rng = random.Random(seed)
-        self.failures = 0
+        self.rng, self.failures = random.Random(seed), 0
 
     def request(self, content: str) -> str:
         """The model's reply to one user message; raises the last error once retries are spent."""
         payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
                    "max_tokens": 1, "temperature": 0}  # the answer is one token: "0" or "1"
-        headers = {"Content-Type": "application/json"}
         # Read at each request, not at init: a key exported later, or none for a local server.
         key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
         for attempt in range(self.max_retries + 1):
             try:
                 status, reason, body = self.post(json.dumps(payload).encode(), headers)
@@ -396,9 +374,7 @@ class OpenAIJudge(PairwiseJudge):
             connection.close()
 
     def judge(self, prompts, completion_pairs, shuffle_order=True):
-        swapped = [False] * len(completion_pairs)
-        if shuffle_order:
-            completion_pairs, swapped = shuffle_pairs(completion_pairs, self.rng)
+        completion_pairs, swapped = shuffle_pairs(completion_pairs, self.rng, shuffle_order)
         contents = [comparison(p, a, b, self.instruction, ("0", "1")) for p, (a, b) in zip(prompts, completion_pairs)]
 
         def ask(content):
@@ -427,13 +403,8 @@ def pair_rm_judge(**options) -> PairwiseJudge:
     return PairRMJudge.from_pretrained(**options)
 
 
-JUDGES = {
-    "shorter": ShorterJudge,
-    "keyword": KeywordJudge,
-    "llm": LLMJudge.from_pretrained,
-    "openai": OpenAIJudge,
-    "pair_rm": pair_rm_judge,
-}
+JUDGES = {"shorter": ShorterJudge, "keyword": KeywordJudge, "llm": LLMJudge.from_pretrained, "openai": OpenAIJudge,
+          "pair_rm": pair_rm_judge}
 
 
 def make_judge(name: str, **options) -> PairwiseJudge:
@@ -443,34 +414,27 @@ def make_judge(name: str, **options) -> PairwiseJudge:
     return JUDGES[name](**options)
 
 
-# ---------------------------------------------------------------------------------------------
-# The trainer's use of all of the above.
-
-
 class Preference:
     """Which of each prompt's n sampled completions are chosen and rejected (the rollout's last part).
 
     A pairwise judge compares a prompt's two completions; -1 (undecided) drops the pair. A reward
     model and/or reward functions (weighted by reward_weights, the model's first) score each
     completion, completions without EOS lose missing_eos_penalty, and the best-scored completion is
-    chosen, the worst rejected. Of two scores the higher wins and the first on a tie, as in the reference.
-    """
+    chosen, the worst rejected. Of two scores the higher wins and the first on a tie, as in the reference."""
 
     def __init__(self, cfg, device):
         self.judge, self.scorers, self.penalty = None, [], cfg.missing_eos_penalty
+        dtype = torch.bfloat16 if cfg.bf16 else None  # fp32 unless --bf16: near-tie verdicts can flip in half precision
+        options = {}
+        if cfg.judge == "llm":
+            options = {"path": cfg.judge_model or cfg.model_name_or_path, "device": device,
+                       "instruction": cfg.judge_instruction or DEFAULT_INSTRUCTION}
+        elif cfg.judge == "pair_rm":
+            options = {"device": device, "dtype": dtype, **({"path": cfg.judge_model} if cfg.judge_model else {})}
         if cfg.judge:
-            options = {}
-            if cfg.judge == "llm":
-                options = {"path": cfg.judge_model or cfg.model_name_or_path, "device": device}
-                if cfg.judge_instruction:
-                    options["instruction"] = cfg.judge_instruction
-            elif cfg.judge == "pair_rm":  # fp32 unless --bf16: near-tie verdicts can flip in half precision
-                options = {"device": device, "dtype": torch.bfloat16 if cfg.bf16 else None,
-                           **({"path": cfg.judge_model} if cfg.judge_model else {})}
             self.judge = make_judge(cfg.judge, **options)
         if cfg.reward_model_path:
-            self.scorers.append(RewardModel.from_pretrained(
-                cfg.reward_model_path, dtype=torch.bfloat16 if cfg.bf16 else None, device=device))
+            self.scorers.append(RewardModel.from_pretrained(cfg.reward_model_path, dtype=dtype, device=device))
         self.scorers += [load_reward_function(f) for f in cfg.reward_funcs or []]
         self.rewards = RewardFunctions(self.scorers, cfg.reward_weights)
 

@@ -63,8 +63,9 @@ def log_bucket(rel: torch.Tensor, buckets: int, max_position: int) -> torch.Tens
     return torch.where(rel.abs() <= mid, rel, (log_pos * rel.sign()).long())
 
 
-class Attention(nn.Module):
-    """Disentangled self-attention, then the output projection and a post-norm residual:
+class Layer(nn.Module):
+    """A post-norm encoder layer: x = LayerNorm(x + attention(x)), then LayerNorm(x + W2 gelu(W1 x))
+    (exact-erf GELU). The attention is disentangled:
 
         score(i, j) = (q_i·k_j + q_i·K_r(i,j) + k_j·Q_r(i,j)) / sqrt(3 · head_dim)
 
@@ -75,15 +76,21 @@ class Attention(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         H, self.cfg = cfg.hidden_size, cfg
-        self.query_proj, self.key_proj, self.value_proj, self.out = (Linear(H, H) for _ in range(4))
+        self.query_proj, self.key_proj, self.value_proj, self.attention_out = (Linear(H, H) for _ in range(4))
         if not cfg.share_att_key:
             self.pos_key_proj, self.pos_query_proj = Linear(H, H), Linear(H, H)
+        self.attention_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.up, self.down = Linear(H, cfg.intermediate_size), Linear(cfg.intermediate_size, H)
         self.norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
 
     def heads(self, x):  # [..., n, H] -> [..., heads, n, head_dim]
         return x.view(*x.shape[:-1], self.cfg.num_heads, -1).transpose(-2, -3)
 
     def forward(self, x, rel, index, key_bias):
+        x = self.attention(x, rel, index, key_bias)
+        return self.norm(x + self.down(F.gelu(self.up(x))))
+
+    def attention(self, x, rel, index, key_bias):
         R, N, H = x.shape
         cfg = self.cfg
         q, k, v = self.heads(self.query_proj(x)), self.heads(self.key_proj(x)), self.heads(self.value_proj(x))
@@ -94,21 +101,7 @@ class Attention(nn.Module):
         # [j, i] = k_j · Q_r(i,j): gathered along the key's rows, then transposed to [i, j]
         p2c = (k @ pos_query.transpose(-1, -2)).gather(-1, index.T.expand(R, cfg.num_heads, N, N)).transpose(-1, -2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias + (c2p + p2c) * scale, scale=scale)
-        return self.norm(x + self.out(out.transpose(1, 2).reshape(R, N, H)))
-
-
-class Layer(nn.Module):
-    """A post-norm encoder layer: attention, then LayerNorm(x + W2 gelu(W1 x)) (exact-erf GELU)."""
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.attention = Attention(cfg)
-        self.up, self.down = Linear(cfg.hidden_size, cfg.intermediate_size), Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x, rel, index, key_bias):
-        x = self.attention(x, rel, index, key_bias)
-        return self.norm(x + self.down(F.gelu(self.up(x))))
+        return self.attention_norm(x + self.attention_out(out.transpose(1, 2).reshape(R, N, H)))
 
 
 class PairRM(nn.Module):
@@ -152,7 +145,7 @@ class PairRM(nn.Module):
 TOP_NAMES = {"embed": "pretrained_model.embeddings.word_embeddings", "embed_norm": "pretrained_model.embeddings.LayerNorm",
              "rel_embed": "pretrained_model.encoder.rel_embeddings", "rel_norm": "pretrained_model.encoder.LayerNorm",
              "head.0": "head_layer.1", "head.2": "head_layer.4"}
-LAYER_NAMES = {"attention.out": "attention.output.dense", "attention.norm": "attention.output.LayerNorm",
+LAYER_NAMES = {"attention_out": "attention.output.dense", "attention_norm": "attention.output.LayerNorm",
                "up": "intermediate.dense", "down": "output.dense", "norm": "output.LayerNorm"}  # else attention.self.*
 
 
@@ -160,7 +153,7 @@ def hf_name(ours: str) -> str:
     module, param = ours.rsplit(".", 1)
     if layer := re.fullmatch(r"layers\.(\d+)\.(.+)", module):
         i, module = layer.groups()
-        theirs = LAYER_NAMES.get(module, module.replace("attention.", "attention.self."))
+        theirs = LAYER_NAMES.get(module, f"attention.self.{module}")
         return f"pretrained_model.encoder.layer.{i}.{theirs}.{param}"
     return f"{TOP_NAMES[module]}.{param}"
 
@@ -219,10 +212,6 @@ def load_pair_rm(path, dtype=None, device=None) -> tuple[PairRM, dict]:
         state[ours] = weights.read(theirs).to(device=device, dtype=dtype or torch.float32)
     model.load_state_dict(state, assign=True)
     return model.eval(), config
-
-
-# ---------------------------------------------------------------------------------------------
-# The judge.
 
 
 class PairRMJudge(PairwiseJudge):
