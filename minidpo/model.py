@@ -273,10 +273,6 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
 
-    @property
-    def max_len(self) -> int:
-        return self.valid.shape[1]
-
     def view(self, rows: slice, columns: int | None = None) -> "KVCache":
         """A view of some rows (e.g. the first R, or every n-th) and the first `columns` columns (None:
         all): writes through it land in this cache."""

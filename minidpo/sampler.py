@@ -251,12 +251,10 @@ class Sampler:
             raise ValueError(f"{length} tokens (prompt and new tokens) do not fit the model's {positions} "
                              "positions (max_position_embeddings)")
         rows = bucket(rows)
-        cache = self.cache
-        if cache is None or cache.valid.shape[0] < rows or cache.max_len < length:
+        old_rows, old_length = self.cache.valid.shape if self.cache is not None else (0, 0)
+        if rows > old_rows or length > old_length:
             # Grow to cover the old shape too, so that calls of different shapes don't alternate. (Over
-            # a training run the longest prompt so far changes only a few times, so no rounding up:
-            # decode attends over every column, used or not.)
-            old_rows, old_length = cache.valid.shape if cache is not None else (0, 0)
+            # a training run the longest prompt so far changes only a few times, so no rounding up.)
             self.cache = self.graphs = None  # free the old buffers before allocating the new ones
             self.cache = KVCache(self.model.cfg, max(rows, old_rows), max(length, old_length), self.dtype,
                                  self.model.embed.weight.device)

@@ -56,12 +56,9 @@ def lr_lambda(kind: str, warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup and kind != "constant":
             return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1 - progress)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0  # constant, constant_with_warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
+        return decay.get(kind, 1.0)  # constant, constant_with_warmup: 1
     return factor
 
 
