@@ -318,8 +318,7 @@ class Transformer(nn.Module):
         if block_mask is not None:
             mask, key_positions = block_mask[:, None], positions
         elif cache is not None:
-            new_valid = attention_mask.bool() if attention_mask is not None else True
-            cache.valid[:, slots] = new_valid
+            cache.valid[:, slots] = attention_mask.bool() if attention_mask is not None else True
             key_positions = cache.valid.cumsum(-1) - 1
             positions = key_positions.index_select(1, slots)
             mask = self.attention_mask(cache.valid, slots)
@@ -328,9 +327,8 @@ class Transformer(nn.Module):
             mask = self.attention_mask(attention_mask.bool(), torch.arange(T, device=input_ids.device))
         else:
             positions = key_positions = torch.arange(T, device=input_ids.device).expand(B, T)
-            mask = None  # SDPA's plain causal attention, unless soft-capping (spelled out) needs a mask
-            if self.cfg.attn_softcap:
-                mask = causal_mask(T, input_ids.device)
+            # None: SDPA's plain causal attention, unless soft-capping (spelled out) needs a mask
+            mask = causal_mask(T, input_ids.device) if self.cfg.attn_softcap else None
         group = self.cfg.num_heads // self.cfg.num_kv_heads
         if self.cfg.sliding_window is not None:
             near = positions[:, None, :, None] - key_positions[:, None, None, :] < self.cfg.sliding_window
