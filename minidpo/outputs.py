@@ -256,10 +256,6 @@ def model_card(cfg, steps: int, metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class UploadError(RuntimeError):
-    pass
-
-
 def push_to_hub(output_dir: Path, repo_id: str | None, token: str | None):
     from huggingface_hub import HfApi
 
@@ -270,5 +266,5 @@ def push_to_hub(output_dir: Path, repo_id: str | None, token: str | None):
         api.upload_folder(repo_id=repo_id, folder_path=output_dir,
                           ignore_patterns=["checkpoint-*", ".*", "metrics.jsonl", "completions.jsonl", "runs/*"])
     except Exception as e:
-        raise UploadError(f"--push_to_hub: upload to {repo_id!r} failed ({error_line(e)}); "
+        raise RuntimeError(f"--push_to_hub: upload to {repo_id!r} failed ({error_line(e)}); "
                           f"the model is saved in {output_dir}") from None
