@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out: config.json mapping, safetensors load and save, Hub download.
 
 The model fuses q/k/v and the SwiGLU gate/up projections (see model.py); the files keep HF's
-separate tensors. TENSOR_PLAN below is the one place where the two namings meet, used in both
+separate tensors. tensor_plan below is the one place where the two namings meet, used in both
 directions. Weights are read from safetensors only: nothing is ever unpickled.
 """
 
@@ -30,7 +30,8 @@ FAMILIES = {f"{prefix}For{head}": family for prefix, family in FAMILY_PREFIXES.i
 FAMILIES |= {"Gemma3ForConditionalGeneration": "gemma3", "Gemma3TextForSequenceClassification": "gemma3"}
 GEMMA = dict(norm_layout="sandwich", norm_offset=1.0, norm_weight_fp32=True, embed_scale=True)
 # What a family switches on beyond Llama's layout (the rest is read from config.json).
-SWITCHES = {"qwen3": dict(qk_norm="head"), "gemma2": GEMMA, "gemma3": dict(GEMMA, qk_norm="head"),
+SWITCHES = {"gpt_neox": dict(layer_norm=True, gated_mlp=False), "qwen3": dict(qk_norm="head"), "gemma2": GEMMA,
+            "gemma3": dict(GEMMA, qk_norm="head"),
             "olmo2": dict(norm_layout="post", norm_weight_fp32=True, qk_norm="proj", rope_fp32=True)}
 # Gemma3TextConfig's defaults: a Gemma3ForConditionalGeneration config.json from the Hub leaves them out.
 GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -79,14 +80,9 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         every = hf.get("no_rope_layer_interval", 4)
         rope_layers = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(layers)]
     classifier = arch.endswith("ForSequenceClassification")
-    if neox:
-        bias = hf.get("attention_bias", True)
-        layout = dict(norm_eps=hf.get("layer_norm_eps", 1e-5), layer_norm=True, gated_mlp=False, qkv_bias=bias,
-                      out_bias=bias, mlp_bias=True, parallel_residual=hf.get("use_parallel_residual", True))
-    else:
-        bias = hf.get("attention_bias", family == "qwen2")
-        layout = dict(norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=bias, out_bias=bias and family != "qwen2",
-                      mlp_bias=hf.get("mlp_bias", False))
+    # Qwen2, Qwen3 and SmolLM3 keep a sliding_window value that applies only with use_sliding_window.
+    windowed = family not in ("qwen2", "qwen3", "smollm3") or hf.get("use_sliding_window")
+    bias = hf.get("attention_bias", neox or family == "qwen2")  # Qwen2: on q/k/v only
     return ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=layers, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
@@ -100,18 +96,15 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         attn_scale=hf["query_pre_attn_scalar"] ** -0.5 if hf.get("query_pre_attn_scalar") else None,
         attn_softcap=hf.get("attn_logit_softcapping"),
         final_softcap=None if classifier else hf.get("final_logit_softcapping"),
-        sliding_window=sliding_window(hf, family), layer_types=layer_types(hf, family, rope_layers),
+        sliding_window=hf.get("sliding_window") if windowed else None,
+        layer_types=layer_types(hf, family, rope_layers),
         local_rope_theta=(local_rope.get("rope_theta", hf.get("rope_local_base_freq", 1e4))
                           if family == "gemma3" else None),
-        rope_layers=rope_layers, **SWITCHES.get(family, {}), **layout,
+        norm_eps=hf.get("layer_norm_eps", 1e-5) if neox else hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=bias, out_bias=bias and family != "qwen2", mlp_bias=neox or hf.get("mlp_bias", False),
+        parallel_residual=neox and hf.get("use_parallel_residual", True),
+        rope_layers=rope_layers, **SWITCHES.get(family, {}),
     )
-
-
-def sliding_window(hf: dict, family: str) -> int | None:
-    # Qwen2, Qwen3 and SmolLM3 keep a sliding_window value that applies only with use_sliding_window.
-    if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window"):
-        return None
-    return hf.get("sliding_window")
 
 
 def layer_types(hf: dict, family: str, rope_layers) -> list[str] | None:
@@ -371,15 +364,14 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
         state["score.weight"] = torch.randn(expected["score.weight"].shape, dtype=dtype, device=device) * 0.02
     for ours, theirs in plan.items():
         theirs = [stored_name(t, where) for t in theirs]
-        missing = [t for t in theirs if t not in where]
-        if missing:
-            raise ValueError(f"{path}: tensor {missing[0]} is missing from the safetensors files")
         # Check each file tensor against its share of ours before fusing, so the error names the
         # tensor that is wrong (and a mismatch is never a bare torch.cat error).
         want = expected[ours].shape
         rows = split_sizes(cfg, ours) if len(theirs) > 1 else [want[0]]
         parts = []
         for name, n in zip(theirs, rows):
+            if name not in where:
+                raise ValueError(f"{path}: tensor {name} is missing from the safetensors files")
             dtype_in_file, shape, _ = where[name].entries[name]
             if shape != (n, *want[1:]):
                 raise ValueError(f"{path}: tensor {name} has shape {tuple(shape)}, which does not fit "
@@ -396,8 +388,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     if cfg.local_rope_theta is not None:
         model.local_inv_freq = rope_inv_freq(cfg, local=True).to(device=device)
     model.cfg.hf_config = hf
-    # sampling defaults (temperature, top_p, ...) kept on save
-    model.cfg.generation_config = read_generation_config(path) or None
+    model.cfg.generation_config = read_generation_config(path) or None  # sampling defaults, kept on save
     return model
 
 
@@ -442,8 +433,8 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     """Write the HF layout (config.json, safetensors shards with an index above max_shard_bytes,
     generation_config.json, tokenizer files) so transformers' from_pretrained loads it.
 
-    Everything goes into a temporary sibling directory that is renamed into place when complete:
-    a crash leaves the previous checkpoint (if any) intact and never a half-written one."""
+    Written beside it and renamed into place when complete (common.py): a crash leaves the previous
+    model (if any) intact, never a half-written one."""
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)
     try:

@@ -43,7 +43,6 @@ def import_gguf(gguf_path, out_dir) -> pathlib.Path:
     if meta.get("tokenizer.ggml.model") != "gpt2":  # the only kind built below
         raise ValueError(f"{gguf_path}: tokenizer {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE")
 
-    # Build beside the target and rename at the end: a crash leaves a hidden temp dir, never a half model.
     tmp = temp_dir_beside(out_dir)
     try:
         config = _config(meta, tied=all(t.name != "output.weight" for t in reader.tensors))
@@ -160,10 +159,8 @@ def _write_tokenizer(meta, config, out_dir):
     # SmolLM2's own tokenizer.json does with a Digits pre-tokenizer: that is how the model was trained,
     # so we keep it. transformers' GGUF conversion does not know 'smollm' and splits like plain GPT-2;
     # the two differ only where whitespace precedes a numeral ("  1": [ĠĠ, 1] here, [Ġ, Ġ, 1] there).
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, ...) are special: matched whole, skipped by skip_special_tokens.
     kinds = list(zip(tokens, types))
@@ -171,15 +168,14 @@ def _write_tokenizer(meta, config, out_dir):
     tokenizer.add_tokens([AddedToken(t, normalized=False) for t, k in kinds if k == _USER_DEFINED])
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
-    def token(key):
+    def token(kind):
+        key = f"tokenizer.ggml.{kind}_token_id"
         return tokens[meta[key]] if key in meta else None
 
     _write_json(out_dir / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token("tokenizer.ggml.bos_token_id"),
-        "eos_token": token("tokenizer.ggml.eos_token_id"),
-        "pad_token": token("tokenizer.ggml.padding_token_id"),
-        "unk_token": token("tokenizer.ggml.unknown_token_id"),
+        "bos_token": token("bos"), "eos_token": token("eos"),
+        "pad_token": token("padding"), "unk_token": token("unknown"),
         "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False),
         "chat_template": meta.get("tokenizer.chat_template"),
         "model_max_length": config["max_position_embeddings"],

@@ -9,8 +9,7 @@ model card, and the Hub upload.
 With LoRA (--use_peft) "the model" is the adapter in PEFT's layout (lora.py), and state/ holds only
 the adapters and their optimizer state: the frozen base is the one the run started from.
 
-Every directory is built under a temporary name and renamed when complete (common.py), so a crash
-never leaves a half-written checkpoint or model.
+Every directory is built under a temporary name and renamed when complete (common.py).
 """
 
 import json
@@ -220,13 +219,10 @@ def write_model(state: dict, model, out_dir: Path, tokenizer):
 
 
 def publish(tmp: Path, target: Path):
-    """Move the files of tmp into target, replacing those of an earlier model.
-
-    target holds checkpoints and logs too, so it cannot be swapped whole like a checkpoint. A single
-    weights file replaces the old one in one rename. Shards cannot: the old weights go first and the
-    new index comes last but config.json, so a crash in between leaves an incomplete model that no
-    loader accepts, never old and new shards mixed.
-    """
+    """Move the files of tmp into target, replacing those of an earlier model. target holds checkpoints
+    and logs too, so it cannot be swapped whole like a checkpoint. One weights file replaces the old one
+    in one rename; shards cannot: the old weights go first and the new index last but config.json, so a
+    crash in between leaves an incomplete model that no loader accepts, never old and new shards mixed."""
     index = "model.safetensors.index.json"  # (an adapter's two files replace the old ones)
     sharded = (tmp / index).exists()
     for old in [target / index, *target.glob("model*.safetensors")]:
