@@ -193,10 +193,8 @@ def stored_name(name: str, stored) -> str:
     """An HF tensor name as the files hold it: as it is, or where a Gemma 3 vision-language checkpoint
     keeps its language model (transformers 4 and 5 save "language_model.model.*", the class itself
     holds "model.language_model.*")."""
-    for candidate in (name, "language_model." + name, name.replace("model.", "model.language_model.", 1)):
-        if candidate in stored:
-            return candidate
-    return name
+    candidates = (name, "language_model." + name, name.replace("model.", "model.language_model.", 1))
+    return next((candidate for candidate in candidates if candidate in stored), name)
 
 
 def is_neox_qkv(hf: dict, name: str) -> bool:

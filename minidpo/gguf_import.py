@@ -32,8 +32,6 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token_type values
 def import_gguf(gguf_path, out_dir) -> pathlib.Path:
     """Write the Hugging Face layout of a Llama-architecture GGUF into out_dir (which must not exist)."""
     gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it to import again")
     reader = _gguf().GGUFReader(gguf_path)
