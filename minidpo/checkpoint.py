@@ -82,7 +82,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     classifier = arch.endswith("ForSequenceClassification")
     # Qwen2, Qwen3 and SmolLM3 keep a sliding_window value that applies only with use_sliding_window.
     windowed = family not in ("qwen2", "qwen3", "smollm3") or hf.get("use_sliding_window")
-    bias = hf.get("attention_bias", neox or family == "qwen2")  # Qwen2: on q/k/v only
+    bias = hf.get("attention_bias", neox or family == "qwen2")  # Qwen2: on q/k/v, never on the output
     return ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=layers, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,

@@ -14,12 +14,11 @@ Every directory is built under a temporary name and renamed when complete (commo
 
 import json
 import os
-import pathlib
 import pickle
 import shutil
 import sys
 import warnings
-from pathlib import Path
+from pathlib import Path, PosixPath
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -49,7 +48,7 @@ DCP_METADATA_CLASSES = {
         "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")},
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-    ("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): PosixPath,
 }
 TRAINER_STATE_KEYS = {"step": COUNT, "world_size": SIZE, "scheduler": OBJECT}
 
