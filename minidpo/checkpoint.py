@@ -1,10 +1,11 @@
 """Hugging Face checkpoints in and out: config.json mapping, safetensors load and save, Hub download.
 
 The model fuses q/k/v and the SwiGLU gate/up projections (see model.py); the files keep HF's
-separate tensors. TENSOR_PLAN below is the one place where the two namings meet, used in both
+separate tensors. tensor_plan below is the one place where the two namings meet, used in both
 directions. Weights are read from safetensors only: nothing is ever unpickled.
 """
 
+import itertools
 import json
 import math
 import re
@@ -29,7 +30,8 @@ FAMILIES = {f"{prefix}For{head}": family for prefix, family in FAMILY_PREFIXES.i
 FAMILIES |= {"Gemma3ForConditionalGeneration": "gemma3", "Gemma3TextForSequenceClassification": "gemma3"}
 GEMMA = dict(norm_layout="sandwich", norm_offset=1.0, norm_weight_fp32=True, embed_scale=True)
 # What a family switches on beyond Llama's layout (the rest is read from config.json).
-SWITCHES = {"qwen3": dict(qk_norm="head"), "gemma2": GEMMA, "gemma3": dict(GEMMA, qk_norm="head"),
+SWITCHES = {"gpt_neox": dict(layer_norm=True, gated_mlp=False), "qwen3": dict(qk_norm="head"), "gemma2": GEMMA,
+            "gemma3": dict(GEMMA, qk_norm="head"),
             "olmo2": dict(norm_layout="post", norm_weight_fp32=True, qk_norm="proj", rope_fp32=True)}
 # Gemma3TextConfig's defaults: a Gemma3ForConditionalGeneration config.json from the Hub leaves them out.
 GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -77,46 +79,32 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     if family == "smollm3":  # 0: no rotary in that layer; by default every no_rope_layer_interval-th
         every = hf.get("no_rope_layer_interval", 4)
         rope_layers = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(layers)]
-    softcap = hf.get("attn_logit_softcapping"), hf.get("final_logit_softcapping")
-    common = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
+    classifier = arch.endswith("ForSequenceClassification")
+    # Qwen2, Qwen3 and SmolLM3 keep a sliding_window value that applies only with use_sliding_window.
+    windowed = family not in ("qwen2", "qwen3", "smollm3") or hf.get("use_sliding_window")
+    bias = hf.get("attention_bias", neox or family == "qwen2")  # Qwen2: on q/k/v, never on the output
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=layers, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
         rotary_dim=int(head_dim * partial),
         rope_scaling={**scaling, "rope_type": rope_type} if rope_type != "default" else None,
         activation=hf.get("hidden_activation") or hf.get("hidden_act", "gelu" if neox else "silu"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        num_labels=num_labels(hf) if arch.endswith("ForSequenceClassification") else 0,
+        # transformers stores the label count as id2label; a bare config means its default of 2.
+        num_labels=(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2) if classifier else 0,
         attn_scale=hf["query_pre_attn_scalar"] ** -0.5 if hf.get("query_pre_attn_scalar") else None,
-        attn_softcap=softcap[0], final_softcap=softcap[1] if not arch.endswith("Classification") else None,
-        sliding_window=sliding_window(hf, family), layer_types=layer_types(hf, family, rope_layers),
+        attn_softcap=hf.get("attn_logit_softcapping"),
+        final_softcap=None if classifier else hf.get("final_logit_softcapping"),
+        sliding_window=hf.get("sliding_window") if windowed else None,
+        layer_types=layer_types(hf, family, rope_layers),
         local_rope_theta=(local_rope.get("rope_theta", hf.get("rope_local_base_freq", 1e4))
                           if family == "gemma3" else None),
+        norm_eps=hf.get("layer_norm_eps", 1e-5) if neox else hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=bias, out_bias=bias and family != "qwen2", mlp_bias=neox or hf.get("mlp_bias", False),
+        parallel_residual=neox and hf.get("use_parallel_residual", True),
         rope_layers=rope_layers, **SWITCHES.get(family, {}),
     )
-    if neox:
-        bias = hf.get("attention_bias", True)
-        return ModelConfig(
-            **common, norm_eps=hf.get("layer_norm_eps", 1e-5), layer_norm=True, gated_mlp=False,
-            qkv_bias=bias, out_bias=bias, mlp_bias=True, parallel_residual=hf.get("use_parallel_residual", True),
-        )
-    bias = hf.get("attention_bias", family == "qwen2")
-    return ModelConfig(
-        **common, norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=bias,
-        out_bias=bias and family != "qwen2", mlp_bias=hf.get("mlp_bias", False),
-    )
-
-
-def sliding_window(hf: dict, family: str) -> int | None:
-    # Qwen2, Qwen3 and SmolLM3 keep a sliding_window value that applies only with use_sliding_window.
-    if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window"):
-        return None
-    return hf.get("sliding_window")
 
 
 def layer_types(hf: dict, family: str, rope_layers) -> list[str] | None:
@@ -146,17 +134,13 @@ def language_model_config(hf: dict) -> dict:
     return {**GEMMA3_TEXT_DEFAULTS, **hf["text_config"], **kept, "architectures": [head], "model_type": "gemma3_text"}
 
 
-def num_labels(hf: dict) -> int:
-    # transformers stores the label count as id2label; a bare config means its default of 2.
-    return hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
-
-
 def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
     """minidpo parameter name -> the HF tensor names it is made of (concatenated along dim 0).
 
     GPT-NeoX's fused query_key_value is one tensor, but interleaved per head; neox_qkv_to_ours
-    reorders it."""
+    reorders it. Only GPT-NeoX's LayerNorms have a bias (cfg.layer_norm)."""
     family = FAMILIES[hf["architectures"][0]]
+    names = HF_NAMES.get(family, LLAMA_NAMES)
     classifier = cfg.num_labels > 0
     plan = {}
 
@@ -165,38 +149,20 @@ def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
         if bias:
             plan[f"{ours}.bias"] = [f"{t}.bias" for t in theirs]
 
-    if family == "gpt_neox":
-        base = "gpt_neox."
-        add("embed", [base + "embed_in"], False)
-        add("norm", [base + "final_layer_norm"], True)
-        if not classifier and not cfg.tie_word_embeddings:
-            add("lm_head", ["embed_out"], False)
-        for i in range(cfg.num_layers):
-            src, dst = f"{base}layers.{i}.", f"layers.{i}."
-            add(dst + "attn_norm", [src + "input_layernorm"], True)
-            add(dst + "attn.qkv", [src + "attention.query_key_value"], cfg.qkv_bias)
-            add(dst + "attn.out", [src + "attention.dense"], cfg.out_bias)
-            add(dst + "mlp_norm", [src + "post_attention_layernorm"], True)
-            add(dst + "mlp.up", [src + "mlp.dense_h_to_4h"], True)
-            add(dst + "mlp.down", [src + "mlp.dense_4h_to_h"], True)
-    else:
-        base = "model."
-        add("embed", [base + "embed_tokens"], False)
-        add("norm", [base + "norm"], False)
-        if not classifier and not cfg.tie_word_embeddings:
-            add("lm_head", ["lm_head"], False)
-        projections = {**PROJECTIONS, **FUSED_PROJECTIONS.get(family, {})}
-        for i in range(cfg.num_layers):
-            src, dst = f"{base}layers.{i}.", f"layers.{i}."
-            for ours, theirs in NORMS[cfg.norm_layout].items():
-                add(dst + ours, [src + theirs], False)
-            if cfg.qk_norm:
-                add(dst + "attn.q_norm", [src + "self_attn.q_norm"], False)
-                add(dst + "attn.k_norm", [src + "self_attn.k_norm"], False)
-            add(dst + "attn.qkv", [src + t for t in projections["qkv"]], cfg.qkv_bias)
-            add(dst + "attn.out", [src + "self_attn.o_proj"], cfg.out_bias)
-            add(dst + "mlp.up", [src + t for t in projections["up"]], cfg.mlp_bias)
-            add(dst + "mlp.down", [src + "mlp.down_proj"], cfg.mlp_bias)
+    add("embed", [names["embed"]], False)
+    add("norm", [names["norm"]], cfg.layer_norm)
+    if not classifier and not cfg.tie_word_embeddings:
+        add("lm_head", [names["lm_head"]], False)
+    biases = {"attn.qkv": cfg.qkv_bias, "attn.out": cfg.out_bias, "mlp.up": cfg.mlp_bias, "mlp.down": cfg.mlp_bias}
+    for i in range(cfg.num_layers):
+        src, dst = f"{names['layers']}.{i}.", f"layers.{i}."
+        for ours, theirs in NORMS[cfg.norm_layout].items():
+            add(dst + ours, [src + theirs], cfg.layer_norm)
+        if cfg.qk_norm:
+            add(dst + "attn.q_norm", [src + "self_attn.q_norm"], False)
+            add(dst + "attn.k_norm", [src + "self_attn.k_norm"], False)
+        for ours, bias in biases.items():
+            add(dst + ours, [src + t for t in names[ours]], bias)
     if classifier:
         add("score", ["score"], False)
     return plan
@@ -209,20 +175,26 @@ NORMS = {
                  "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
     "post": {"attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
 }
-# The HF tensors our fused q/k/v and gate/up are made of; Phi-3 stores them fused already.
-PROJECTIONS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-               "up": ["mlp.gate_proj", "mlp.up_proj"]}
-FUSED_PROJECTIONS = {"phi3": {"qkv": ["self_attn.qkv_proj"], "up": ["mlp.gate_up_proj"]}}
+# HF's names of our other tensors (in a layer: after "{layers}.{i}."), Llama's and those that differ.
+# The lists are what our fused q/k/v and gate/up are made of; Phi-3 stores them fused already.
+LLAMA_NAMES = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head", "layers": "model.layers",
+               "attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+               "attn.out": ["self_attn.o_proj"], "mlp.up": ["mlp.gate_proj", "mlp.up_proj"],
+               "mlp.down": ["mlp.down_proj"]}
+HF_NAMES = {
+    "phi3": LLAMA_NAMES | {"attn.qkv": ["self_attn.qkv_proj"], "mlp.up": ["mlp.gate_up_proj"]},
+    "gpt_neox": {"embed": "gpt_neox.embed_in", "norm": "gpt_neox.final_layer_norm", "lm_head": "embed_out",
+                 "layers": "gpt_neox.layers", "attn.qkv": ["attention.query_key_value"],
+                 "attn.out": ["attention.dense"], "mlp.up": ["mlp.dense_h_to_4h"], "mlp.down": ["mlp.dense_4h_to_h"]},
+}
 
 
 def stored_name(name: str, stored) -> str:
     """An HF tensor name as the files hold it: as it is, or where a Gemma 3 vision-language checkpoint
     keeps its language model (transformers 4 and 5 save "language_model.model.*", the class itself
     holds "model.language_model.*")."""
-    for candidate in (name, "language_model." + name, name.replace("model.", "model.language_model.", 1)):
-        if candidate in stored:
-            return candidate
-    return name
+    candidates = (name, "language_model." + name, name.replace("model.", "model.language_model.", 1))
+    return next((candidate for candidate in candidates if candidate in stored), name)
 
 
 def is_neox_qkv(hf: dict, name: str) -> bool:
@@ -255,12 +227,9 @@ def safetensors_files(path: Path) -> list[Path]:
         return [path / name for name in sorted(set(weight_map.values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = (
-            f" (found {', '.join(pickles)}: minidpo never unpickles; convert once with transformers: "
-            "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))"
-            if pickles else ""
-        )
+        pickles = [p.name for p in [*path.glob("*.bin"), *path.glob("*.pt")]]
+        hint = (f" (found {', '.join(pickles)}: minidpo never unpickles; convert once with transformers: "
+                "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))") if pickles else ""
         raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
     return files
 
@@ -284,9 +253,8 @@ def resolve(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=name_or_path, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
-        raise FileNotFoundError(
-            f"could not get {name_or_path!r} from the Hugging Face Hub or its cache: {error_line(e)}"
-        ) from None
+        raise FileNotFoundError(f"could not get {name_or_path!r} from the Hugging Face Hub or its cache: "
+                                f"{error_line(e)}") from None
 
 
 def as_classifier(hf: dict, num_labels: int) -> dict:
@@ -311,12 +279,10 @@ class SafetensorsFile:
 
     The format: the header's length (8 bytes, little-endian), a JSON header mapping each name to
     {"dtype", "shape", "data_offsets": [begin, end]} (bytes after the header), then the data.
-    safetensors' own safe_open memory-maps the file instead; a mapped file's pages count as the
-    process's memory for as long as any tensor aliases the mapping, so the pages read to build
-    the fused q/k/v and gate/up tensors stay resident beside their fused copies (~280 MB for
-    SmolLM2-135M, twice over for a policy and its reference). Read this way, a loaded model
-    holds its weights once and nothing else.
-    """
+    safetensors' safe_open memory-maps it instead, and the mapped pages read to build the fused
+    q/k/v and gate/up tensors stay resident beside the fused copies while any tensor aliases them
+    (~280 MB for SmolLM2-135M, twice over for a policy and its reference); read, a model holds
+    its weights once."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -330,7 +296,7 @@ class SafetensorsFile:
             raise ValueError("its header is not a JSON object")
         header.pop("__metadata__", None)
         self.data_start = 8 + header_len
-        self.entries = {}
+        self.entries, spans = {}, []
         for name, entry in header.items():
             dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is None:
@@ -342,10 +308,9 @@ class SafetensorsFile:
                 raise ValueError(f"tensor {name}'s bytes [{begin}, {end}) do not fit its shape {shape} "
                                  f"or lie past the end of the file (truncated?)")
             self.entries[name] = (dtype, shape, begin)
+            spans.append((begin, end, name))
         # As safetensors itself: no two tensors may share bytes.
-        spans = sorted((begin, begin + math.prod(shape) * dtype.itemsize, name)
-                       for name, (dtype, shape, begin) in self.entries.items())
-        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        for (_, end, first), (begin, _, second) in itertools.pairwise(sorted(spans)):
             if begin < end:
                 raise ValueError(f"tensors {first} and {second} overlap")
 
@@ -397,15 +362,14 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
         state["score.weight"] = torch.randn(expected["score.weight"].shape, dtype=dtype, device=device) * 0.02
     for ours, theirs in plan.items():
         theirs = [stored_name(t, where) for t in theirs]
-        missing = [t for t in theirs if t not in where]
-        if missing:
-            raise ValueError(f"{path}: tensor {missing[0]} is missing from the safetensors files")
         # Check each file tensor against its share of ours before fusing, so the error names the
         # tensor that is wrong (and a mismatch is never a bare torch.cat error).
         want = expected[ours].shape
         rows = split_sizes(cfg, ours) if len(theirs) > 1 else [want[0]]
         parts = []
         for name, n in zip(theirs, rows):
+            if name not in where:
+                raise ValueError(f"{path}: tensor {name} is missing from the safetensors files")
             dtype_in_file, shape, _ = where[name].entries[name]
             if shape != (n, *want[1:]):
                 raise ValueError(f"{path}: tensor {name} has shape {tuple(shape)}, which does not fit "
@@ -422,8 +386,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     if cfg.local_rope_theta is not None:
         model.local_inv_freq = rope_inv_freq(cfg, local=True).to(device=device)
     model.cfg.hf_config = hf
-    # sampling defaults (temperature, top_p, ...) kept on save
-    model.cfg.generation_config = read_generation_config(path) or None
+    model.cfg.generation_config = read_generation_config(path) or None  # sampling defaults, kept on save
     return model
 
 
@@ -468,8 +431,8 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     """Write the HF layout (config.json, safetensors shards with an index above max_shard_bytes,
     generation_config.json, tokenizer files) so transformers' from_pretrained loads it.
 
-    Everything goes into a temporary sibling directory that is renamed into place when complete:
-    a crash leaves the previous checkpoint (if any) intact and never a half-written one."""
+    Written beside it and renamed into place when complete (common.py): a crash leaves the previous
+    model (if any) intact, never a half-written one."""
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)
     try:
@@ -483,13 +446,11 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
 
 def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30):
     """The HF files of a (full, unsharded) state dict into an existing directory; not atomic by itself."""
-    hf = dict(cfg.hf_config)
-    tensors = hf_state_dict(state, cfg, hf)
+    tensors = hf_state_dict(state, cfg, cfg.hf_config)
     dtype_name = {v: k for k, v in DTYPES.items()}[next(iter(tensors.values())).dtype]
-    hf["dtype"] = dtype_name
-    if "torch_dtype" in hf:
+    hf = {**cfg.hf_config, "dtype": dtype_name, "tie_word_embeddings": cfg.tie_word_embeddings}
+    if "torch_dtype" in hf:  # transformers 4's name for it
         hf["torch_dtype"] = dtype_name
-    hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     write_shards(tensors, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     generation = dict(cfg.generation_config or {})
@@ -502,15 +463,14 @@ def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=Non
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
-    shards, current, size = [], {}, 0
+    shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
         size += nbytes
-    shards.append(current)
     if len(shards) == 1:
         save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
         return
@@ -518,7 +478,7 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
     for i, shard in enumerate(shards, 1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, out / filename, metadata={"format": "pt"})
-        weight_map.update({name: filename for name in shard})
+        weight_map |= dict.fromkeys(shard, filename)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

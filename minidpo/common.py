@@ -1,12 +1,6 @@
-"""Helpers any module may use; this one imports nothing of minidpo, so imports flow one way.
-
-- one-line errors for the user (error_line, print_error);
-- JSON objects read from files with errors that name the file (read_json), and the types of
-  their keys checked against rules (check_keys: a downloaded config.json is untrusted input);
-- the one convention for writing a directory safely: build it under a hidden temporary name
-  beside its target (temp_dir_beside), then rename it into place (replace_dir). A crash leaves
-  the hidden directory, which the next write of the same target removes, never a half-written one.
-"""
+"""Helpers any module may use; this one imports nothing of minidpo, so imports flow one way: one-line
+errors, JSON files read and their keys checked (a downloaded config.json is untrusted input), and the one
+convention for writing a directory safely (a crash never leaves a half-written one)."""
 
 import json
 import math
@@ -61,13 +55,12 @@ TOKEN_IDS = ("a token id or a list of token ids",
 
 def temp_name(target: Path) -> Path:
     """The hidden `.NAME.tmp` beside `target` that temp_dir_beside creates."""
-    target = Path(target)
-    return target.with_name(f".{target.name}.tmp")
+    return Path(target).with_name(f".{Path(target).name}.tmp")
 
 
 def temp_dir_beside(target: Path) -> Path:
-    """A new, empty hidden directory `.NAME.tmp` next to `target`, to build it in and rename into
-    place. The name is fixed (every rank of a run finds it), so a crashed run's leftover is removed
+    """A new, empty hidden directory `.NAME.tmp` next to `target`, to build it in and rename into place
+    (replace_dir). The name is fixed (every rank of a run finds it), so a crashed run's leftover is removed
     here; a plain mkdir gives it the permissions the umask allows, as the final directory should have."""
     tmp = temp_name(target)
     shutil.rmtree(tmp, ignore_errors=True)

