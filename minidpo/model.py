@@ -4,7 +4,7 @@ One module covers the Hugging Face families Llama (SmolLM2, TinyLlama, Llama 3),
 Mistral, Gemma 2 and 3, Phi-3, OLMo 2, SmolLM3 and GPT-NeoX (Pythia); their differences are the
 switches in ModelConfig. checkpoint.py maps each family's config.json and tensor names onto this module.
 
-Two choices run through the file:
+Three choices run through the file:
 - A token's rotary position is the number of real (unmasked) tokens before it. Left-padded prompts
   therefore get the same positions as unpadded ones, and every row of a batch computes what it
   would compute alone.
@@ -16,6 +16,7 @@ Two choices run through the file:
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 import math
 
 import torch
@@ -26,12 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from .cpu import linear
 from .logprobs import softcap, token_logprobs
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+tanh_gelu = partial(F.gelu, approximate="tanh")  # what transformers calls gelu_new and gelu_pytorch_tanh
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_new": tanh_gelu, "gelu_pytorch_tanh": tanh_gelu}
 
 
 @dataclass
