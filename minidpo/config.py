@@ -3,8 +3,6 @@
 Flag names and defaults are those of TRL's `OnlineDPOConfig` and the `TrainingArguments` fields its
 example commands use, so the reference's commands run with `torchrun train.py` in place of
 `accelerate launch examples/scripts/dpo_online.py`. A few flags are minidpo's own (marked below).
-
-Accepted but without effect: --dataset_num_proc (prompts are read in one pass; nothing to parallelise).
 """
 
 import argparse
@@ -22,8 +20,9 @@ OBJECTIVES = ("online_dpo", "reward")
 GENERATION_KWARGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "min_new_tokens", "stop_strings")
 
 TORCH_DTYPES = ("auto", "bfloat16", "float32")
-MODEL, JUDGE, GENERATION, OPTIM, LORA, SCHEDULE, LOGGING, HUB = (
-    "model & data", "judge / reward", "generation", "optimisation", "lora", "schedule", "logging & checkpoints", "hub")
+SECTIONS = ("model & data", "judge / reward", "generation", "optimisation", "lora", "schedule", "logging & checkpoints",
+            "hub")  # of --help, in this order
+MODEL, JUDGE, GENERATION, OPTIM, LORA, SCHEDULE, LOGGING, HUB = SECTIONS
 
 
 def flag(section: str, default, help: str):
@@ -42,7 +41,7 @@ class Config:
                                     "or Hub repo id")
     dataset_config: str | None = flag(MODEL, None, "dataset configuration (subdirectory) to read")
     dataset_train_split: str = flag(MODEL, "train", "split to train on")
-    dataset_num_proc: int | None = flag(MODEL, None, "accepted for compatibility; no effect")
+    dataset_num_proc: int | None = flag(MODEL, None, "accepted, no effect: prompts are read in one pass")
     output_dir: str | None = flag(MODEL, None, "where checkpoints and logs go (required, as in HF)")
     objective: str = flag(MODEL, "online_dpo", f"minidpo: what to train, one of {', '.join(OBJECTIVES)} "
                           "(reward: a Bradley-Terry reward model on a preference dataset)")
@@ -141,8 +140,9 @@ class Config:
                 need(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be finite, got {value}")
         for name in ("model_name_or_path", "dataset_name", "output_dir"):  # HF requires output_dir too
             need(getattr(self, name) is not None, f"--{name} is required")
-        need(self.objective in OBJECTIVES,
-             f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name, choices in (("objective", OBJECTIVES), ("loss_type", LOSS_TYPES), ("torch_dtype", TORCH_DTYPES)):
+            value = getattr(self, name)
+            need(value in choices, f"--{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.objective == "online_dpo":
             rewards = self.reward_model_path is not None or bool(self.reward_funcs)
             need(not (self.judge and rewards), "give either --judge or --reward_model_path/--reward_funcs, not both")
@@ -170,8 +170,6 @@ class Config:
         need(self.reward_weights is None or len(self.reward_weights) == scores, f"--reward_weights: "
              f"{len(self.reward_weights or [])} weights for {scores} reward model(s) and function(s)")
         need(len(self.beta) > 0 and min(self.beta) > 0, f"--beta must be > 0, got {self.beta}")
-        need(self.loss_type in LOSS_TYPES,
-             f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         need(0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         need(self.rpo_alpha is None or self.rpo_alpha >= 0, f"--rpo_alpha must be >= 0, got {self.rpo_alpha}")
         need(self.num_generations >= 2, f"--num_generations must be >= 2, got {self.num_generations}")
@@ -180,8 +178,6 @@ class Config:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_total_limit"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{name} must be >= 1, got {value}")
-        need(self.torch_dtype in TORCH_DTYPES,
-             f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
         if self.use_peft:
             need(self.objective == "online_dpo", "--use_peft: LoRA is supported for --objective online_dpo only")
             need(self.lora_r >= 1 and self.lora_alpha > 0, "--lora_r must be >= 1 and --lora_alpha > 0")
@@ -214,10 +210,7 @@ class Config:
 
     def to_dict(self) -> dict:
         """Every flag's value, for logs, model cards and checkpoints; the Hub token is masked as HF does."""
-        values = dataclasses.asdict(self)
-        if values["hub_token"] is not None:
-            values["hub_token"] = "<HUB_TOKEN>"
-        return values
+        return dataclasses.asdict(self) | ({"hub_token": "<HUB_TOKEN>"} if self.hub_token is not None else {})
 
 
 class ConfigError(ValueError):
@@ -241,14 +234,8 @@ DEMO_DEFAULTS = {
     "missing_eos_penalty": 1.0,
     "output_dir": "out/minidpo-demo",
     # Sized to show learning in a few minutes on two CPU cores (bf16 autocast: ~7 s a step).
-    "max_steps": 30,
-    "per_device_train_batch_size": 8,
-    "max_new_tokens": 48,
-    "learning_rate": 2e-5,
-    "bf16": True,
-    "logging_steps": 2,
-    "log_completions_steps": 10,
-    "save_steps": 0,
+    "max_steps": 30, "per_device_train_batch_size": 8, "max_new_tokens": 48, "learning_rate": 2e-5, "bf16": True,
+    "logging_steps": 2, "log_completions_steps": 10, "save_steps": 0,
 }
 
 # Flags of accelerate, DeepSpeed, PEFT or the HF Trainer that people carry over from the reference's
@@ -261,26 +248,26 @@ UNSUPPORTED = {
     "fsdp_config": "minidpo always shards with FSDP2 when run with more than one process; drop --fsdp_config",
     "fp16": "use --bf16 (fp16 needs loss scaling, which minidpo does not do)",
     "dtype": "use --torch_dtype",
-    "load_in_4bit": "quantised training (bitsandbytes) is not supported; use --use_peft with --torch_dtype bfloat16",
-    "load_in_8bit": "quantised training (bitsandbytes) is not supported; use --use_peft with --torch_dtype bfloat16",
+    **dict.fromkeys(("load_in_4bit", "load_in_8bit"),
+                    "quantised training (bitsandbytes) is not supported; use --use_peft with --torch_dtype bfloat16"),
     "use_dora": "DoRA is not supported; use --use_peft (LoRA), optionally with --use_rslora",
     "trust_remote_code": "minidpo runs its own Llama/Qwen2/GPT-NeoX code and never remote code; drop it",
     "attn_implementation": "minidpo always uses torch's scaled_dot_product_attention; drop it",
     "tpu_num_cores": "TPUs are not supported; run on CUDA GPUs or CPU under torchrun",
     "use_liger_kernel": "Liger kernels are not used; drop it",
     "optim": "minidpo always uses torch.optim.AdamW; drop it",
-    "eval_strategy": "minidpo has no evaluation loop; drop it",
-    "dataset_test_split": "minidpo has no evaluation loop; drop it",
+    **dict.fromkeys(("eval_strategy", "dataset_test_split"), "minidpo has no evaluation loop; drop it"),
 }
 
 
+# HfArgumentParser's spellings, so `--bf16`, `--bf16 true` and `--bf16 False` all work.
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _bool(text: str) -> bool:
-    # HfArgumentParser's spellings, so `--bf16`, `--bf16 true` and `--bf16 False` all work.
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in BOOLS:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return BOOLS[text.lower()]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -296,19 +283,14 @@ class _Unsupported(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="train.py", usage="torchrun [--nproc_per_node=N] train.py [--flag value ...]",
+    parser = _Parser(prog="train.py", usage="torchrun [--nproc_per_node=N] train.py [--flag value ...]",
         description="Online DPO in raw PyTorch. Without --model_name_or_path: the offline demo.",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=40, width=110),
         allow_abbrev=False,  # otherwise --bf would mean --bf16, and HF's --no_cuda would mean --no_cuda_graphs
-        argument_default=argparse.SUPPRESS,  # absent flags stay out of the namespace: we see what was given
-    )
-    groups = {}
+        argument_default=argparse.SUPPRESS)  # absent flags stay out of the namespace: we see what was given
+    groups = {section: parser.add_argument_group(section) for section in SECTIONS}
     for f in dataclasses.fields(Config):
-        section = f.metadata["section"]
-        if section not in groups:
-            groups[section] = parser.add_argument_group(section)
-        group = groups[section]
+        group = groups[f.metadata["section"]]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         text = f.metadata["help"] + ("" if default is None else f" (default: {shown})")
