@@ -37,8 +37,7 @@ def flag(section: str, default, help: str):
 class Config:
     model_name_or_path: str | None = flag(MODEL, None, "policy to train: local HF directory, Hub repo id or "
                                           "offline:SmolLM2-135M-Instruct; leave out for the offline demo")
-    dataset_name: str | None = flag(MODEL, None, "prompts: .jsonl/.json/.parquet file, dataset directory "
-                                    "or Hub repo id")
+    dataset_name: str | None = flag(MODEL, None, "prompts: .jsonl/.json/.parquet file, dataset dir or Hub repo id")
     dataset_config: str | None = flag(MODEL, None, "dataset configuration (subdirectory) to read")
     dataset_train_split: str = flag(MODEL, "train", "split to train on")
     dataset_num_proc: int | None = flag(MODEL, None, "accepted, no effect: prompts are read in one pass")
@@ -100,8 +99,7 @@ class Config:
     lora_target_modules: list[str] | None = flag(LORA, None, "modules to adapt (e.g. q_proj v_proj, or all-linear); "
                                                  "default: PEFT's for the architecture")
     use_rslora: bool = flag(LORA, False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
-    torch_dtype: str = flag(LORA, "float32", f"dtype the model's weights are held in: {', '.join(TORCH_DTYPES)} "
-                            "(auto: config.json's)")
+    torch_dtype: str = flag(LORA, "float32", f"the weights' dtype: {', '.join(TORCH_DTYPES)} (auto: config.json's)")
 
     num_train_epochs: float = flag(SCHEDULE, 3.0, "passes over the prompts (ignored if --max_steps > 0)")
     max_steps: int = flag(SCHEDULE, -1, "optimizer steps to run; -1: from --num_train_epochs")
@@ -111,8 +109,7 @@ class Config:
 
     logging_steps: float = flag(LOGGING, 500, "log every N steps (or a fraction of the run if < 1)")
     logging_first_step: bool = flag(LOGGING, False, "also log the first step")
-    log_completions_steps: int = flag(LOGGING, 0, "minidpo: write sample completions to a JSONL table "
-                                      "every N steps; 0: off")
+    log_completions_steps: int = flag(LOGGING, 0, "minidpo: every N steps, log sample completions (JSONL); 0: off")
     # HF would use --save_strategy no; minidpo has no strategy flags, so 0 turns saving off.
     save_steps: float = flag(LOGGING, 500, "checkpoint every N steps (or a fraction of the run if < 1); 0: off")
     save_total_limit: int | None = flag(LOGGING, None, "keep at most this many checkpoints")

@@ -112,8 +112,7 @@ def add_adapters(model: Transformer, spec: LoraSpec) -> Transformer:
             model.get_submodule(parent).register_module(child, LoraLinear(module, slices, spec))
             found |= {hf_name.rpartition(".")[2] for hf_name in slices}
     if not found:
-        raise ValueError(f"LoRA target modules {targets} match no linear layer of this "
-                         f"{hf['architectures'][0]} model")
+        raise ValueError(f"LoRA target modules {targets} match no linear layer of this {hf['architectures'][0]} model")
     spec.target_modules = targets if regex else sorted(found)
     model.lora = spec
     return model

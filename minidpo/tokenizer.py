@@ -189,15 +189,12 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = (special.get(k) for k in SPECIAL_TOKENS)
         self.chat_template, self.template_origin = chat_template, template_origin  # origin: the file, for errors
         self.known_roles = set()  # roles the template was seen to render (apply_chat_template)
-        self.bos_token_id = self._id(self.bos_token)
-        self.eos_token_id = self._id(self.eos_token)
-        self.pad_token_id = self._id(self.pad_token)
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id  # many chat models ship no pad token; masked out anyway
+        self.bos_token_id, self.eos_token_id, pad_id = map(self._id, (self.bos_token, self.eos_token, self.pad_token))
+        # Many chat models ship no pad token: eos pads instead (padding is masked out anyway).
+        self.pad_token_id = self.eos_token_id if pad_id is None else pad_id
         # Instruct models often end a turn with a token other than the tokenizer's eos (e.g. <|eot_id|>),
         # listed only in generation_config.json; the sampler has to stop on any of them.
-        ids = [self.eos_token_id, *extra_eos_ids]
-        self.eos_token_ids = list(dict.fromkeys(i for i in ids if i is not None))
+        self.eos_token_ids = list(dict.fromkeys(i for i in (self.eos_token_id, *extra_eos_ids) if i is not None))
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -336,10 +333,8 @@ class Tokenizer:
                 raise ValueError("the chat template drops the final message's text, so it cannot be continued")
             end = text.rindex(tag.strip())  # a template that strips the message's end loses the tag's space too
             text = text[:end] if text[end:end + len(tag)] == tag else text[:end].rstrip()
-        if not tokenize:
-            return text
         # The template writes BOS itself when the model wants one; encoding with specials would double it.
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _render(self, messages: list[dict], variables: dict) -> str:
         try:
