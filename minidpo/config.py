@@ -221,15 +221,12 @@ def interval(steps: float, total_steps: int) -> int:
 
 # When --model_name_or_path is left out, train.py runs this small offline demo. Each value applies
 # only where the user did not pass the flag, so `python train.py --max_steps 10` is the demo, shorter.
-DEMO_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 DEMO_DEFAULTS = {
-    "model_name_or_path": "offline:SmolLM2-135M-Instruct",
-    "dataset_name": str(DEMO_PROMPTS),
+    "model_name_or_path": "offline:SmolLM2-135M-Instruct", "output_dir": "out/minidpo-demo",
+    "dataset_name": str(Path(__file__).with_name("prompts.jsonl")),
     # A rule reward rather than a judge, so that objective/scores shows the preference being learned:
     # shorter answers score higher, and an answer cut off before EOS loses 1.
-    "reward_funcs": ["minidpo.judges:brevity"],
-    "missing_eos_penalty": 1.0,
-    "output_dir": "out/minidpo-demo",
+    "reward_funcs": ["minidpo.judges:brevity"], "missing_eos_penalty": 1.0,
     # Sized to show learning in a few minutes on two CPU cores (bf16 autocast: ~7 s a step).
     "max_steps": 30, "per_device_train_batch_size": 8, "max_new_tokens": 48, "learning_rate": 2e-5, "bf16": True,
     "logging_steps": 2, "log_completions_steps": 10, "save_steps": 0,

@@ -47,10 +47,6 @@ class LoraSpec:
     rslora: bool = False
     base_model: str | None = None  # written to adapter_config.json as base_model_name_or_path
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
-
 
 class LoraLinear(nn.Module):
     """A frozen linear layer (its weight and bias under their old names) plus adapters on named
@@ -61,7 +57,8 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
         self.slices = {hf.rpartition(".")[2]: (hf, start, rows) for hf, (start, rows) in slices.items()}
-        self.scale, self.dropout, self.enabled = spec.scale, spec.dropout, True
+        self.scale = spec.alpha / (math.sqrt(spec.r) if spec.rslora else spec.r)
+        self.dropout, self.enabled = spec.dropout, True
         device = base.weight.device  # A as PEFT initialises it, B zero
         self.lora_A = nn.ParameterDict({s: nn.Parameter(nn.init.kaiming_uniform_(
             torch.empty(spec.r, base.in_features, device=device), a=math.sqrt(5))) for s in self.slices})

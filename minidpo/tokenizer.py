@@ -239,10 +239,8 @@ class Tokenizer:
                  max_length: int | None = None, truncation_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask), both [len(texts), longest row], padded on padding_side. add_special_tokens may be
         given per text: a batch can mix plain prompts with chat-templated ones, which hold theirs already."""
-        if isinstance(add_special_tokens, bool):
-            rows = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        else:
-            rows = [self.encode(t, add) for t, add in zip(texts, add_special_tokens, strict=True)]
+        adds = [add_special_tokens] * len(texts) if isinstance(add_special_tokens, bool) else add_special_tokens
+        rows = [self.encode(text, add) for text, add in zip(texts, adds, strict=True)]
         if max_length is not None:
             rows = [r[-max_length:] if truncation_side == "left" else r[:max_length] for r in rows]
         width = max((len(r) for r in rows), default=0)
