@@ -20,9 +20,8 @@ OBJECTIVES = ("online_dpo", "reward")
 GENERATION_KWARGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "min_new_tokens", "stop_strings")
 
 TORCH_DTYPES = ("auto", "bfloat16", "float32")
-SECTIONS = ("model & data", "judge / reward", "generation", "optimisation", "lora", "schedule", "logging & checkpoints",
-            "hub")  # of --help, in this order
-MODEL, JUDGE, GENERATION, OPTIM, LORA, SCHEDULE, LOGGING, HUB = SECTIONS
+SECTIONS = MODEL, JUDGE, GENERATION, OPTIM, LORA, SCHEDULE, LOGGING, HUB = (  # of --help, in this order
+    "model & data", "judge / reward", "generation", "optimisation", "lora", "schedule", "logging & checkpoints", "hub")
 
 
 def flag(section: str, default, help: str):
