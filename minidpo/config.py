@@ -146,7 +146,12 @@ class Config:
         for func in self.reward_funcs or []:
             need(":" in func, f"--reward_funcs: {func!r} is not module:function")
         need(not self.use_vllm, "--use_vllm: minidpo generates in-process with the weights being trained; drop it")
-        need(self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        # Flags with a lowest allowed value; None, where a flag may be None, leaves it unset.
+        for name, lowest in (("max_new_tokens", 1), ("num_generations", 2), ("per_device_train_batch_size", 1),
+                             ("gradient_accumulation_steps", 1), ("save_total_limit", 1), ("warmup_steps", 0),
+                             ("log_completions_steps", 0), ("missing_eos_penalty", 0), ("rpo_alpha", 0)):
+            value = getattr(self, name)
+            need(value is None or value >= lowest, f"--{name} must be >= {lowest}, got {value}")
         need(self.max_new_tokens < self.max_length, f"--max_new_tokens ({self.max_new_tokens}) must be smaller "
              f"than --max_length ({self.max_length}), which also holds the prompt")
         kwargs = self.generation_kwargs or {}
@@ -158,8 +163,6 @@ class Config:
                                   ("min_p", 0 <= s["min_p"] <= 1, "in [0, 1]"),
                                   ("repetition_penalty", s["repetition_penalty"] > 0, "> 0")):
             need(ok, f"--{name} must be {allowed}, got {s[name]}")
-        need(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
-             f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
         need(not (self.judge and self.missing_eos_penalty is not None),
              "--missing_eos_penalty applies to reward scores; a --judge gives none, so drop it")
         scores = int(self.reward_model_path is not None) + len(self.reward_funcs or [])
@@ -167,13 +170,8 @@ class Config:
              f"{len(self.reward_weights or [])} weights for {scores} reward model(s) and function(s)")
         need(len(self.beta) > 0 and min(self.beta) > 0, f"--beta must be > 0, got {self.beta}")
         need(0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        need(self.rpo_alpha is None or self.rpo_alpha >= 0, f"--rpo_alpha must be >= 0, got {self.rpo_alpha}")
-        need(self.num_generations >= 2, f"--num_generations must be >= 2, got {self.num_generations}")
         need(not (self.judge and self.num_generations != 2), "--num_generations: a pairwise judge compares "
              f"exactly 2 completions, got {self.num_generations}; use --reward_model_path or --reward_funcs")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_total_limit"):
-            value = getattr(self, name)
-            need(value is None or value >= 1, f"--{name} must be >= 1, got {value}")
         if self.use_peft:
             need(self.objective == "online_dpo", "--use_peft: LoRA is supported for --objective online_dpo only")
             need(self.lora_r >= 1 and self.lora_alpha > 0, "--lora_r must be >= 1 and --lora_alpha > 0")
@@ -184,14 +182,12 @@ class Config:
         need(self.lr_scheduler_type in SCHEDULERS, f"--lr_scheduler_type {self.lr_scheduler_type!r} is not "
              f"supported; use one of {', '.join(SCHEDULERS)}")
         need(0 <= self.warmup_ratio <= 1, f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        need(self.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {self.warmup_steps}")
         need(self.logging_steps > 0, f"--logging_steps must be > 0, got {self.logging_steps}")
         for name in ("logging_steps", "save_steps"):
             value = getattr(self, name)
             # HF's rule: below 1 a fraction of the run, from 1 on a whole number of steps.
             need(value >= 0 and (value < 1 or value == int(value)),
                  f"--{name} must be a fraction below 1 or a whole number of steps, got {value}")
-        need(self.log_completions_steps >= 0, f"--log_completions_steps must be >= 0, got {self.log_completions_steps}")
         for backend in self.report_to:
             need(backend in REPORT_TO, f"--report_to {backend!r} is not supported; use {', '.join(REPORT_TO)}")
         return self
