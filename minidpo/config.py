@@ -47,7 +47,8 @@ class Config:
 
     # judge / reward: a judge compares the two completions; a reward model or functions score each one
     judge: str | None = flag(JUDGE, None, "name of the pairwise judge (exclusive with --reward_model_path)")
-    judge_model: str | None = flag(JUDGE, None, "minidpo: model that the llm or pair_rm judge runs (pair_rm: default llm-blender/PairRM)")
+    judge_model: str | None = flag(JUDGE, None, "minidpo: model that the llm or pair_rm judge runs "
+                                   "(pair_rm: default llm-blender/PairRM)")
     judge_instruction: str | None = flag(JUDGE, None, "minidpo: instruction given to the llm judge")
     reward_model_path: str | None = flag(JUDGE, None, "reward model (local directory or Hub repo id)")
     reward_funcs: list[str] | None = flag(JUDGE, None, "minidpo: reward functions as module:function, "

@@ -197,7 +197,8 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
     wanted = {peft for _, peft, _ in names}
     if tensors.keys() != wanted:
         odd = sorted(tensors.keys() ^ wanted)[0]
-        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {odd} is {'missing' if odd in wanted else 'unexpected'}")
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {odd} is "
+                         f"{'missing' if odd in wanted else 'unexpected'}")
     state = {}
     for name, peft, neox in names:
         t = tensors[peft]
