@@ -273,7 +273,8 @@ class _Unsupported(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="train.py", usage="torchrun [--nproc_per_node=N] train.py [--flag value ...]",
+    parser = _Parser(
+        prog="train.py", usage="torchrun [--nproc_per_node=N] train.py [--flag value ...]",
         description="Online DPO in raw PyTorch. Without --model_name_or_path: the offline demo.",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=40, width=110),
         allow_abbrev=False,  # otherwise --bf would mean --bf16, and HF's --no_cuda would mean --no_cuda_graphs
