@@ -21,8 +21,7 @@ class Chat:
         self.model, self.tokenizer, self.system = model, tokenizer, system
         self.temperature, self.top_p, self.top_k, self.max_new_tokens = temperature, top_p, top_k, max_new_tokens
         self.sampler = Sampler(model)  # keeps its KV cache (and CUDA graph) from one turn to the next
-        device = model.embed.weight.device
-        self.generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        self.generator = torch.Generator(model.embed.weight.device).manual_seed(seed) if seed is not None else None
         self.clear()
 
     def clear(self):
@@ -69,14 +68,11 @@ def parse_args(argv=None):
 
 
 def flag_error(args) -> str | None:
-    if args.temperature < 0:
-        return f"--temperature must be >= 0, got {args.temperature}"
-    if not 0 < args.top_p <= 1:
-        return f"--top_p must be in (0, 1], got {args.top_p}"
-    if args.top_k < 0:
-        return f"--top_k must be >= 0, got {args.top_k}"
-    if args.max_new_tokens < 1:
-        return f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"
+    bounds = (("temperature", args.temperature >= 0, ">= 0"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+              ("top_k", args.top_k >= 0, ">= 0"), ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"))
+    for name, ok, allowed in bounds:
+        if not ok:
+            return f"--{name} must be {allowed}, got {getattr(args, name)}"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return f"--device {args.device}: this machine has no CUDA device (use --device cpu)"
     return None

@@ -3,8 +3,6 @@
 Flag names and defaults are those of TRL's `OnlineDPOConfig` and the `TrainingArguments` fields its
 example commands use, so the reference's commands run with `torchrun train.py` in place of
 `accelerate launch examples/scripts/dpo_online.py`. A few flags are minidpo's own (marked below).
-
-Accepted but without effect: --dataset_num_proc (prompts are read in one pass; nothing to parallelise).
 """
 
 import argparse
@@ -22,7 +20,7 @@ OBJECTIVES = ("online_dpo", "reward")
 GENERATION_KWARGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "min_new_tokens", "stop_strings")
 
 TORCH_DTYPES = ("auto", "bfloat16", "float32")
-MODEL, JUDGE, GENERATION, OPTIM, LORA, SCHEDULE, LOGGING, HUB = (
+SECTIONS = MODEL, JUDGE, GENERATION, OPTIM, LORA, SCHEDULE, LOGGING, HUB = (  # of --help, in this order
     "model & data", "judge / reward", "generation", "optimisation", "lora", "schedule", "logging & checkpoints", "hub")
 
 
@@ -38,11 +36,10 @@ def flag(section: str, default, help: str):
 class Config:
     model_name_or_path: str | None = flag(MODEL, None, "policy to train: local HF directory, Hub repo id or "
                                           "offline:SmolLM2-135M-Instruct; leave out for the offline demo")
-    dataset_name: str | None = flag(MODEL, None, "prompts: .jsonl/.json/.parquet file, dataset directory "
-                                    "or Hub repo id")
+    dataset_name: str | None = flag(MODEL, None, "prompts: .jsonl/.json/.parquet file, dataset dir or Hub repo id")
     dataset_config: str | None = flag(MODEL, None, "dataset configuration (subdirectory) to read")
     dataset_train_split: str = flag(MODEL, "train", "split to train on")
-    dataset_num_proc: int | None = flag(MODEL, None, "accepted for compatibility; no effect")
+    dataset_num_proc: int | None = flag(MODEL, None, "accepted, no effect: prompts are read in one pass")
     output_dir: str | None = flag(MODEL, None, "where checkpoints and logs go (required, as in HF)")
     objective: str = flag(MODEL, "online_dpo", f"minidpo: what to train, one of {', '.join(OBJECTIVES)} "
                           "(reward: a Bradley-Terry reward model on a preference dataset)")
@@ -50,7 +47,8 @@ class Config:
 
     # judge / reward: a judge compares the two completions; a reward model or functions score each one
     judge: str | None = flag(JUDGE, None, "name of the pairwise judge (exclusive with --reward_model_path)")
-    judge_model: str | None = flag(JUDGE, None, "minidpo: model that the llm or pair_rm judge runs (pair_rm: default llm-blender/PairRM)")
+    judge_model: str | None = flag(JUDGE, None, "minidpo: model that the llm or pair_rm judge runs "
+                                   "(pair_rm: default llm-blender/PairRM)")
     judge_instruction: str | None = flag(JUDGE, None, "minidpo: instruction given to the llm judge")
     reward_model_path: str | None = flag(JUDGE, None, "reward model (local directory or Hub repo id)")
     reward_funcs: list[str] | None = flag(JUDGE, None, "minidpo: reward functions as module:function, "
@@ -101,8 +99,7 @@ class Config:
     lora_target_modules: list[str] | None = flag(LORA, None, "modules to adapt (e.g. q_proj v_proj, or all-linear); "
                                                  "default: PEFT's for the architecture")
     use_rslora: bool = flag(LORA, False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
-    torch_dtype: str = flag(LORA, "float32", f"dtype the model's weights are held in: {', '.join(TORCH_DTYPES)} "
-                            "(auto: config.json's)")
+    torch_dtype: str = flag(LORA, "float32", f"the weights' dtype: {', '.join(TORCH_DTYPES)} (auto: config.json's)")
 
     num_train_epochs: float = flag(SCHEDULE, 3.0, "passes over the prompts (ignored if --max_steps > 0)")
     max_steps: int = flag(SCHEDULE, -1, "optimizer steps to run; -1: from --num_train_epochs")
@@ -112,8 +109,7 @@ class Config:
 
     logging_steps: float = flag(LOGGING, 500, "log every N steps (or a fraction of the run if < 1)")
     logging_first_step: bool = flag(LOGGING, False, "also log the first step")
-    log_completions_steps: int = flag(LOGGING, 0, "minidpo: write sample completions to a JSONL table "
-                                      "every N steps; 0: off")
+    log_completions_steps: int = flag(LOGGING, 0, "minidpo: every N steps, log sample completions (JSONL); 0: off")
     # HF would use --save_strategy no; minidpo has no strategy flags, so 0 turns saving off.
     save_steps: float = flag(LOGGING, 500, "checkpoint every N steps (or a fraction of the run if < 1); 0: off")
     save_total_limit: int | None = flag(LOGGING, None, "keep at most this many checkpoints")
@@ -141,8 +137,9 @@ class Config:
                 need(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be finite, got {value}")
         for name in ("model_name_or_path", "dataset_name", "output_dir"):  # HF requires output_dir too
             need(getattr(self, name) is not None, f"--{name} is required")
-        need(self.objective in OBJECTIVES,
-             f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name, choices in (("objective", OBJECTIVES), ("loss_type", LOSS_TYPES), ("torch_dtype", TORCH_DTYPES)):
+            value = getattr(self, name)
+            need(value in choices, f"--{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.objective == "online_dpo":
             rewards = self.reward_model_path is not None or bool(self.reward_funcs)
             need(not (self.judge and rewards), "give either --judge or --reward_model_path/--reward_funcs, not both")
@@ -150,7 +147,12 @@ class Config:
         for func in self.reward_funcs or []:
             need(":" in func, f"--reward_funcs: {func!r} is not module:function")
         need(not self.use_vllm, "--use_vllm: minidpo generates in-process with the weights being trained; drop it")
-        need(self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        # Flags with a lowest allowed value; None, where a flag may be None, leaves it unset.
+        for name, lowest in (("max_new_tokens", 1), ("num_generations", 2), ("per_device_train_batch_size", 1),
+                             ("gradient_accumulation_steps", 1), ("save_total_limit", 1), ("warmup_steps", 0),
+                             ("log_completions_steps", 0), ("missing_eos_penalty", 0), ("rpo_alpha", 0)):
+            value = getattr(self, name)
+            need(value is None or value >= lowest, f"--{name} must be >= {lowest}, got {value}")
         need(self.max_new_tokens < self.max_length, f"--max_new_tokens ({self.max_new_tokens}) must be smaller "
              f"than --max_length ({self.max_length}), which also holds the prompt")
         kwargs = self.generation_kwargs or {}
@@ -162,26 +164,15 @@ class Config:
                                   ("min_p", 0 <= s["min_p"] <= 1, "in [0, 1]"),
                                   ("repetition_penalty", s["repetition_penalty"] > 0, "> 0")):
             need(ok, f"--{name} must be {allowed}, got {s[name]}")
-        need(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
-             f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
         need(not (self.judge and self.missing_eos_penalty is not None),
              "--missing_eos_penalty applies to reward scores; a --judge gives none, so drop it")
         scores = int(self.reward_model_path is not None) + len(self.reward_funcs or [])
         need(self.reward_weights is None or len(self.reward_weights) == scores, f"--reward_weights: "
              f"{len(self.reward_weights or [])} weights for {scores} reward model(s) and function(s)")
         need(len(self.beta) > 0 and min(self.beta) > 0, f"--beta must be > 0, got {self.beta}")
-        need(self.loss_type in LOSS_TYPES,
-             f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         need(0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        need(self.rpo_alpha is None or self.rpo_alpha >= 0, f"--rpo_alpha must be >= 0, got {self.rpo_alpha}")
-        need(self.num_generations >= 2, f"--num_generations must be >= 2, got {self.num_generations}")
         need(not (self.judge and self.num_generations != 2), "--num_generations: a pairwise judge compares "
              f"exactly 2 completions, got {self.num_generations}; use --reward_model_path or --reward_funcs")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_total_limit"):
-            value = getattr(self, name)
-            need(value is None or value >= 1, f"--{name} must be >= 1, got {value}")
-        need(self.torch_dtype in TORCH_DTYPES,
-             f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
         if self.use_peft:
             need(self.objective == "online_dpo", "--use_peft: LoRA is supported for --objective online_dpo only")
             need(self.lora_r >= 1 and self.lora_alpha > 0, "--lora_r must be >= 1 and --lora_alpha > 0")
@@ -192,14 +183,12 @@ class Config:
         need(self.lr_scheduler_type in SCHEDULERS, f"--lr_scheduler_type {self.lr_scheduler_type!r} is not "
              f"supported; use one of {', '.join(SCHEDULERS)}")
         need(0 <= self.warmup_ratio <= 1, f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        need(self.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {self.warmup_steps}")
         need(self.logging_steps > 0, f"--logging_steps must be > 0, got {self.logging_steps}")
         for name in ("logging_steps", "save_steps"):
             value = getattr(self, name)
             # HF's rule: below 1 a fraction of the run, from 1 on a whole number of steps.
             need(value >= 0 and (value < 1 or value == int(value)),
                  f"--{name} must be a fraction below 1 or a whole number of steps, got {value}")
-        need(self.log_completions_steps >= 0, f"--log_completions_steps must be >= 0, got {self.log_completions_steps}")
         for backend in self.report_to:
             need(backend in REPORT_TO, f"--report_to {backend!r} is not supported; use {', '.join(REPORT_TO)}")
         return self
@@ -214,10 +203,7 @@ class Config:
 
     def to_dict(self) -> dict:
         """Every flag's value, for logs, model cards and checkpoints; the Hub token is masked as HF does."""
-        values = dataclasses.asdict(self)
-        if values["hub_token"] is not None:
-            values["hub_token"] = "<HUB_TOKEN>"
-        return values
+        return dataclasses.asdict(self) | ({"hub_token": "<HUB_TOKEN>"} if self.hub_token is not None else {})
 
 
 class ConfigError(ValueError):
@@ -231,24 +217,15 @@ def interval(steps: float, total_steps: int) -> int:
 
 # When --model_name_or_path is left out, train.py runs this small offline demo. Each value applies
 # only where the user did not pass the flag, so `python train.py --max_steps 10` is the demo, shorter.
-DEMO_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 DEMO_DEFAULTS = {
-    "model_name_or_path": "offline:SmolLM2-135M-Instruct",
-    "dataset_name": str(DEMO_PROMPTS),
+    "model_name_or_path": "offline:SmolLM2-135M-Instruct", "output_dir": "out/minidpo-demo",
+    "dataset_name": str(Path(__file__).with_name("prompts.jsonl")),
     # A rule reward rather than a judge, so that objective/scores shows the preference being learned:
     # shorter answers score higher, and an answer cut off before EOS loses 1.
-    "reward_funcs": ["minidpo.judges:brevity"],
-    "missing_eos_penalty": 1.0,
-    "output_dir": "out/minidpo-demo",
+    "reward_funcs": ["minidpo.judges:brevity"], "missing_eos_penalty": 1.0,
     # Sized to show learning in a few minutes on two CPU cores (bf16 autocast: ~7 s a step).
-    "max_steps": 30,
-    "per_device_train_batch_size": 8,
-    "max_new_tokens": 48,
-    "learning_rate": 2e-5,
-    "bf16": True,
-    "logging_steps": 2,
-    "log_completions_steps": 10,
-    "save_steps": 0,
+    "max_steps": 30, "per_device_train_batch_size": 8, "max_new_tokens": 48, "learning_rate": 2e-5, "bf16": True,
+    "logging_steps": 2, "log_completions_steps": 10, "save_steps": 0,
 }
 
 # Flags of accelerate, DeepSpeed, PEFT or the HF Trainer that people carry over from the reference's
@@ -261,26 +238,26 @@ UNSUPPORTED = {
     "fsdp_config": "minidpo always shards with FSDP2 when run with more than one process; drop --fsdp_config",
     "fp16": "use --bf16 (fp16 needs loss scaling, which minidpo does not do)",
     "dtype": "use --torch_dtype",
-    "load_in_4bit": "quantised training (bitsandbytes) is not supported; use --use_peft with --torch_dtype bfloat16",
-    "load_in_8bit": "quantised training (bitsandbytes) is not supported; use --use_peft with --torch_dtype bfloat16",
+    **dict.fromkeys(("load_in_4bit", "load_in_8bit"),
+                    "quantised training (bitsandbytes) is not supported; use --use_peft with --torch_dtype bfloat16"),
     "use_dora": "DoRA is not supported; use --use_peft (LoRA), optionally with --use_rslora",
     "trust_remote_code": "minidpo runs its own Llama/Qwen2/GPT-NeoX code and never remote code; drop it",
     "attn_implementation": "minidpo always uses torch's scaled_dot_product_attention; drop it",
     "tpu_num_cores": "TPUs are not supported; run on CUDA GPUs or CPU under torchrun",
     "use_liger_kernel": "Liger kernels are not used; drop it",
     "optim": "minidpo always uses torch.optim.AdamW; drop it",
-    "eval_strategy": "minidpo has no evaluation loop; drop it",
-    "dataset_test_split": "minidpo has no evaluation loop; drop it",
+    **dict.fromkeys(("eval_strategy", "dataset_test_split"), "minidpo has no evaluation loop; drop it"),
 }
 
 
+# HfArgumentParser's spellings, so `--bf16`, `--bf16 true` and `--bf16 False` all work.
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _bool(text: str) -> bool:
-    # HfArgumentParser's spellings, so `--bf16`, `--bf16 true` and `--bf16 False` all work.
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in BOOLS:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return BOOLS[text.lower()]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -301,14 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Online DPO in raw PyTorch. Without --model_name_or_path: the offline demo.",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=40, width=110),
         allow_abbrev=False,  # otherwise --bf would mean --bf16, and HF's --no_cuda would mean --no_cuda_graphs
-        argument_default=argparse.SUPPRESS,  # absent flags stay out of the namespace: we see what was given
-    )
-    groups = {}
+        argument_default=argparse.SUPPRESS)  # absent flags stay out of the namespace: we see what was given
+    groups = {section: parser.add_argument_group(section) for section in SECTIONS}
     for f in dataclasses.fields(Config):
-        section = f.metadata["section"]
-        if section not in groups:
-            groups[section] = parser.add_argument_group(section)
-        group = groups[section]
+        group = groups[f.metadata["section"]]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         text = f.metadata["help"] + ("" if default is None else f" (default: {shown})")

@@ -47,10 +47,6 @@ class LoraSpec:
     rslora: bool = False
     base_model: str | None = None  # written to adapter_config.json as base_model_name_or_path
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
-
 
 class LoraLinear(nn.Module):
     """A frozen linear layer (its weight and bias under their old names) plus adapters on named
@@ -61,7 +57,8 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
         self.slices = {hf.rpartition(".")[2]: (hf, start, rows) for hf, (start, rows) in slices.items()}
-        self.scale, self.dropout, self.enabled = spec.scale, spec.dropout, True
+        self.scale = spec.alpha / (math.sqrt(spec.r) if spec.rslora else spec.r)
+        self.dropout, self.enabled = spec.dropout, True
         device = base.weight.device  # A as PEFT initialises it, B zero
         self.lora_A = nn.ParameterDict({s: nn.Parameter(nn.init.kaiming_uniform_(
             torch.empty(spec.r, base.in_features, device=device), a=math.sqrt(5))) for s in self.slices})
@@ -112,8 +109,7 @@ def add_adapters(model: Transformer, spec: LoraSpec) -> Transformer:
             model.get_submodule(parent).register_module(child, LoraLinear(module, slices, spec))
             found |= {hf_name.rpartition(".")[2] for hf_name in slices}
     if not found:
-        raise ValueError(f"LoRA target modules {targets} match no linear layer of this "
-                         f"{hf['architectures'][0]} model")
+        raise ValueError(f"LoRA target modules {targets} match no linear layer of this {hf['architectures'][0]} model")
     spec.target_modules = targets if regex else sorted(found)
     model.lora = spec
     return model
@@ -141,35 +137,37 @@ def low_rank_update(layer: LoraLinear, s: str) -> torch.Tensor:
 def adapters_merged(model: nn.Module):
     """For the block's duration the adapters are merged into the weights and switched off (a
     rollout's decoding runs at the base model's speed); the adapted rows are restored exactly after."""
-    layers, saved = lora_layers(model).values(), []
+    saved = []
     with torch.no_grad():
-        for layer in layers:
+        for layer in lora_layers(model).values():
             for s, (_, start, rows) in layer.slices.items():
                 weight = layer.weight[start:start + rows]
                 saved.append((weight, weight.clone()))
                 weight += low_rank_update(layer, s)
-            layer.enabled = False
     try:
-        yield model
+        with adapters_disabled(model):
+            yield model
     finally:
         with torch.no_grad():
             for weight, original in saved:
                 weight.copy_(original)
-        for layer in layers:
-            layer.enabled = True
+
+
+def adapter_names(model: Transformer):
+    """(our name, PEFT's name, whether its rows are in GPT-NeoX's interleaved q/k/v order in PEFT's
+    file) of every adapter tensor: A's rows are the rank, B's the adapted output rows."""
+    for name, layer in lora_layers(model).items():
+        neox = is_neox_qkv(model.cfg.hf_config, f"{name}.weight")
+        for s, (hf_name, _, _) in layer.slices.items():
+            yield f"{name}.lora_A.{s}", f"{PEFT_PREFIX}{hf_name}.lora_A.weight", False
+            yield f"{name}.lora_B.{s}", f"{PEFT_PREFIX}{hf_name}.lora_B.weight", neox
 
 
 def peft_tensors(state: dict, model: Transformer) -> dict[str, torch.Tensor]:
     """The adapter tensors of a minidpo state dict (e.g. full_state_dict's) under PEFT's names."""
-    out = {}
-    for name, layer in lora_layers(model).items():
-        for s, (hf_name, _, _) in layer.slices.items():
-            b = state[f"{name}.lora_B.{s}"]
-            if is_neox_qkv(model.cfg.hf_config, f"{name}.weight"):
-                b = neox_qkv_to_hf(b, model.cfg.num_heads)
-            out[f"{PEFT_PREFIX}{hf_name}.lora_A.weight"] = state[f"{name}.lora_A.{s}"].contiguous()
-            out[f"{PEFT_PREFIX}{hf_name}.lora_B.weight"] = b.contiguous()
-    return out
+    heads = model.cfg.num_heads
+    return {peft: (neox_qkv_to_hf(state[ours], heads) if neox else state[ours]).contiguous()
+            for ours, peft, neox in adapter_names(model)}
 
 
 def write_adapter(state: dict, model: Transformer, out_dir: Path):
@@ -195,21 +193,20 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
     add_adapters(model, LoraSpec(c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0), c.get("target_modules"),
                                  c.get("use_rslora", False), c.get("base_model_name_or_path")))
     tensors = load_file(adapter_dir / ADAPTER_WEIGHTS, device=str(model.embed.weight.device))
-    wanted = peft_tensors(model.state_dict(), model)
-    if tensors.keys() != wanted.keys():
-        odd = sorted(tensors.keys() ^ wanted.keys())[0]
-        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {odd} is {'missing' if odd in wanted else 'unexpected'}")
+    names, ours = list(adapter_names(model)), model.state_dict()
+    wanted = {peft for _, peft, _ in names}
+    if tensors.keys() != wanted:
+        odd = sorted(tensors.keys() ^ wanted)[0]
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {odd} is "
+                         f"{'missing' if odd in wanted else 'unexpected'}")
     state = {}
-    for name, layer in lora_layers(model).items():
-        for s, (hf_name, _, _) in layer.slices.items():
-            a, b = (tensors[f"{PEFT_PREFIX}{hf_name}.lora_{ab}.weight"].float() for ab in "AB")
-            if is_neox_qkv(model.cfg.hf_config, f"{name}.weight"):
-                b = neox_qkv_to_ours(b, model.cfg.num_heads)
-            if a.shape != layer.lora_A[s].shape or b.shape != layer.lora_B[s].shape:
-                raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: the adapter of {hf_name} has shapes "
-                                 f"{tuple(a.shape)}, {tuple(b.shape)}, which do not fit the base model")
-            state |= {f"{name}.lora_A.{s}": a, f"{name}.lora_B.{s}": b}
-    model.load_state_dict(state, strict=False)
+    for name, peft, neox in names:
+        t = tensors[peft]
+        if t.shape != ours[name].shape:  # checked first: the reordering of GPT-NeoX's rows needs the right shape
+            raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {peft} has shape {tuple(t.shape)}, "
+                             f"which does not fit the base model's {tuple(ours[name].shape)}")
+        state[name] = neox_qkv_to_ours(t, model.cfg.num_heads) if neox else t
+    model.load_state_dict(state, strict=False)  # copied into the fp32 adapters, whatever the file's dtype
     return model
 
 

@@ -51,20 +51,6 @@ def read_generation_config(model_dir) -> dict:
     return _read_json(Path(model_dir) / "generation_config.json", GENERATION_KEYS)
 
 
-def _token_text(value) -> str | None:
-    # Configs store a special token either as a string or as a serialized AddedToken dict.
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
-
-
-def _pick_template(value) -> str | None:
-    # Some configs hold several named templates; the one named "default" is what transformers uses.
-    if isinstance(value, list):
-        return next((t["template"] for t in value if t.get("name") == "default"), None)
-    return value
-
-
 def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -97,8 +83,7 @@ def _check_size(value):
 
 
 def _check_format(fmt, args=()):
-    # A field width is a size too: '%0999999999d' % 1, '%*d' % (999999999, 1) and '{:>999999999}'.format(1)
-    # build 1 GB.
+    # A field width is a size too: '%0999999999d' % 1, '%*d' % (999999999, 1), '{:>999999999}'.format(1): 1 GB.
     if isinstance(fmt, str) and (re.search(r"\d{7,}", fmt) or any(type(a) is int and a > 999_999 for a in args)):
         raise TemplateLimit(f"a format string with a field width of a million or more: {fmt[:40]!r}")
     return fmt
@@ -201,21 +186,15 @@ class Tokenizer:
         backend.no_padding()
         backend.no_truncation()
         self._tok = backend
-        self.bos_token = special.get("bos_token")
-        self.eos_token = special.get("eos_token")
-        self.pad_token = special.get("pad_token")
-        self.unk_token = special.get("unk_token")
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = (special.get(k) for k in SPECIAL_TOKENS)
         self.chat_template, self.template_origin = chat_template, template_origin  # origin: the file, for errors
         self.known_roles = set()  # roles the template was seen to render (apply_chat_template)
-        self.bos_token_id = self._id(self.bos_token)
-        self.eos_token_id = self._id(self.eos_token)
-        self.pad_token_id = self._id(self.pad_token)
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id  # many chat models ship no pad token; masked out anyway
+        self.bos_token_id, self.eos_token_id, pad_id = map(self._id, (self.bos_token, self.eos_token, self.pad_token))
+        # Many chat models ship no pad token: eos pads instead (padding is masked out anyway).
+        self.pad_token_id = self.eos_token_id if pad_id is None else pad_id
         # Instruct models often end a turn with a token other than the tokenizer's eos (e.g. <|eot_id|>),
         # listed only in generation_config.json; the sampler has to stop on any of them.
-        ids = [self.eos_token_id, *extra_eos_ids]
-        self.eos_token_ids = list(dict.fromkeys(i for i in ids if i is not None))
+        self.eos_token_ids = list(dict.fromkeys(i for i in (self.eos_token_id, *extra_eos_ids) if i is not None))
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -232,7 +211,9 @@ class Tokenizer:
             raise ValueError(f"could not parse {tok_file}: {e}") from e
         config = _read_json(path / "tokenizer_config.json", TOKENIZER_KEYS)
         special_map = _read_json(path / "special_tokens_map.json", TOKENIZER_KEYS)
-        special = {k: _token_text(config.get(k) or special_map.get(k)) for k in SPECIAL_TOKENS}
+        special = {k: config.get(k) or special_map.get(k) for k in SPECIAL_TOKENS}
+        # A special token is stored either as a string or as a serialized AddedToken dict.
+        special = {k: v["content"] if isinstance(v, dict) else v for k, v in special.items()}
         template_file = path / "chat_template.jinja"
         if template_file.is_file():  # transformers 5 saves the template here, and it wins over the config's
             try:
@@ -240,7 +221,9 @@ class Tokenizer:
             except UnicodeDecodeError as e:
                 raise ValueError(f"{template_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         else:
-            template, template_file = _pick_template(config.get("chat_template")), path / "tokenizer_config.json"
+            template, template_file = config.get("chat_template"), path / "tokenizer_config.json"
+        if isinstance(template, list):  # several named templates: transformers uses the one named "default"
+            template = next((t["template"] for t in template if t["name"] == "default"), None)
         eos = read_generation_config(path).get("eos_token_id")
         extra_eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         return cls(backend, special, template, extra_eos, str(template_file))
@@ -256,26 +239,20 @@ class Tokenizer:
                  max_length: int | None = None, truncation_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask), both [len(texts), longest row], padded on padding_side. add_special_tokens may be
         given per text: a batch can mix plain prompts with chat-templated ones, which hold theirs already."""
-        if isinstance(add_special_tokens, bool):
-            rows = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        else:
-            rows = [self.encode(t, add) for t, add in zip(texts, add_special_tokens, strict=True)]
+        adds = [add_special_tokens] * len(texts) if isinstance(add_special_tokens, bool) else add_special_tokens
+        rows = [self.encode(text, add) for text, add in zip(texts, adds, strict=True)]
         if max_length is not None:
             rows = [r[-max_length:] if truncation_side == "left" else r[:max_length] for r in rows]
         width = max((len(r) for r in rows), default=0)
         if self.pad_token_id is None and any(len(r) < width for r in rows):
             raise ValueError("cannot pad: the tokenizer has neither a pad token nor an eos token")
-        ids, mask = [], []
-        for r in rows:
-            fill = width - len(r)
-            if padding_side == "left":
-                ids.append([self.pad_token_id] * fill + r)
-                mask.append([0] * fill + [1] * len(r))
-            else:
-                ids.append(r + [self.pad_token_id] * fill)
-                mask.append([1] * len(r) + [0] * fill)
-        shape = (len(rows), width)
-        return torch.tensor(ids, dtype=torch.long).view(shape), torch.tensor(mask, dtype=torch.long).view(shape)
+        ids = torch.full((len(rows), width), self.pad_token_id or 0, dtype=torch.long)  # 0: never used, no padding
+        mask = torch.zeros_like(ids)
+        for row, r in enumerate(rows):
+            cols = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+            ids[row, cols] = torch.tensor(r, dtype=torch.long)
+            mask[row, cols] = 1
+        return ids, mask
 
     def render(self, prompt, completion=None) -> str:
         """The text a model reads for a prompt, or a prompt and its completion (a reward model's input).
@@ -310,8 +287,7 @@ class Tokenizer:
         return self(texts, add_special_tokens=[isinstance(p, str) for p in prompts], **kwargs)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
@@ -355,10 +331,8 @@ class Tokenizer:
                 raise ValueError("the chat template drops the final message's text, so it cannot be continued")
             end = text.rindex(tag.strip())  # a template that strips the message's end loses the tag's space too
             text = text[:end] if text[end:end + len(tag)] == tag else text[:end].rstrip()
-        if not tokenize:
-            return text
         # The template writes BOS itself when the model wants one; encoding with specials would double it.
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _render(self, messages: list[dict], variables: dict) -> str:
         try:

@@ -28,8 +28,7 @@ class Metrics:
     def reduce(self, device) -> "Metrics":
         """The totals summed over all ranks, in one all-reduce (float64, so beta reads 0.1)."""
         names = sorted(self.totals)
-        packed = torch.tensor([[float(self.totals[n][0]), float(self.totals[n][1])] for n in names],
-                              dtype=torch.float64)
+        packed = torch.tensor([[float(v) for v in self.totals[n]] for n in names], dtype=torch.float64)  # [names, 2]
         packed = all_reduce_sum(packed.to(device)).cpu()
         total = Metrics()
         total.totals = {n: (packed[i, 0].item(), packed[i, 1].item()) for i, n in enumerate(names)}
@@ -88,8 +87,7 @@ class Tracker:
         """A table of sample completions (the reference's LogCompletionsCallback), one JSON row each."""
         if self.enabled:
             with self.completions.open("a") as f:
-                for row in rows:
-                    f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
 
     def close(self):
         if self.tensorboard:
