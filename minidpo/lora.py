@@ -34,7 +34,9 @@ from .cpu import linear
 from .model import Linear, Transformer
 
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the families minidpo runs.
-DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"]}
+# PEFT's default targets per family; PEFT names none for Phi-3, OLMo 2 and SmolLM3 (the flag is then needed).
+DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"]} | dict.fromkeys(
+    ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"], ["q_proj", "v_proj"])
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
 
@@ -87,7 +89,11 @@ def add_adapters(model: Transformer, spec: LoraSpec) -> Transformer:
     matching: the HF module's name or a suffix of it after a dot; a string is a regex the whole name
     must match; "all-linear": every linear layer but the output head)."""
     hf = model.cfg.hf_config
-    targets = spec.target_modules or DEFAULT_TARGETS[FAMILIES[hf["architectures"][0]]]
+    family = FAMILIES[hf["architectures"][0]]
+    if not spec.target_modules and family not in DEFAULT_TARGETS:
+        raise ValueError(f"--use_peft on a {family} model needs --lora_target_modules (e.g. all-linear): "
+                         "PEFT has no default targets for this family")
+    targets = spec.target_modules or DEFAULT_TARGETS[family]
     every = targets in ("all-linear", ["all-linear"])
     regex = isinstance(targets, str) and not every
     chosen = lambda name: every or (re.fullmatch(targets, name) if regex else  # noqa: E731

@@ -487,3 +487,25 @@ def test_olmo2_rotary_in_fp32_is_what_brings_bf16_to_transformers(tmp_path):
         theirs = ref16(input_ids=ids).logits.float()
         error, error_rounded = ((m(ids).float() - theirs).abs().max().item() for m in (ours16, rounded))
     assert error < error_rounded  # measured: 0 and 0.04 (CPU, torch 2.13)
+
+
+
+@pytest.mark.parametrize("name", ["qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "smollm3"])
+def test_lora_default_targets_are_peft_defaults(tmp_path, name):
+    """--use_peft without --lora_target_modules adapts the modules PEFT adapts by default; where PEFT
+    has no default for the family it refuses, and so does minidpo, with a line naming the flag."""
+    import peft
+    from minidpo.lora import LoraSpec, add_adapters, lora_layers
+
+    hf, model = make(tmp_path, name)
+    try:
+        theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4))
+    except ValueError:  # PEFT: "Please specify `target_modules` in `peft_config`"
+        with pytest.raises(ValueError, match="needs --lora_target_modules"):
+            add_adapters(model, LoraSpec(r=4))
+        return
+    expected = {name.removeprefix("base_model.model.") for name, module in theirs.named_modules()
+                if isinstance(module, peft.tuners.lora.LoraLayer)}
+    add_adapters(model, LoraSpec(r=4))
+    adapted = {hf_name for layer in lora_layers(model).values() for hf_name, _, _ in layer.slices.values()}
+    assert adapted == expected and len(expected) == 2 * 2  # q_proj and v_proj of both layers
