@@ -453,6 +453,7 @@ def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=Non
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
+    """model.safetensors, or shards of at most max_shard_bytes (a larger tensor alone) and their index."""
     shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -461,14 +462,12 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
             size = 0
         shards[-1][name] = t
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    n = len(shards)
+    filenames = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
+    for filename, shard in zip(filenames, shards):
         save_file(shard, out / filename, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, filename)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if n > 1:
+        weight_map = {name: filename for filename, shard in zip(filenames, shards) for name in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
