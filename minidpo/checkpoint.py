@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer, rope_inv_freq
-from .common import (COUNT, FLAG, NUMBER, OBJECT, SIZE, TEXT, TOKEN_IDS, check_keys, error_line, read_json,
-                     replace_dir, temp_dir_beside)
+from .common import (COUNT, FLAG, NUMBER, OBJECT, SIZE, TEXT, TOKEN_IDS, check_keys, error_line, hub_snapshot,
+                     read_json, replace_dir, temp_dir_beside)
 from .tokenizer import Tokenizer, read_generation_config
 
 # Architecture name prefix -> family. Each family has a causal LM and a sequence-classification
@@ -235,8 +235,7 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def resolve(name_or_path: str) -> Path:
-    """A local directory as it is; the offline SmolLM2 by its name; anything else is a Hub repo id,
-    downloaded (or found in the HF cache; HF_HUB_OFFLINE=1 is honoured) with huggingface_hub."""
+    """A local directory as it is; the offline SmolLM2 by its name; anything else is a Hub repo id."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -248,13 +247,7 @@ def resolve(name_or_path: str) -> Path:
         return offline_model_dir()
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"{name_or_path} is not a model directory")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=name_or_path, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # network, auth, missing repo: all end the same way for the user
-        raise FileNotFoundError(f"could not get {name_or_path!r} from the Hugging Face Hub or its cache: "
-                                f"{error_line(e)}") from None
+    return hub_snapshot(name_or_path, repr(name_or_path), allow_patterns=HUB_PATTERNS)
 
 
 def as_classifier(hf: dict, num_labels: int) -> dict:
@@ -286,33 +279,35 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if size < 8 + header_len:
-                raise ValueError(f"it has {size} bytes, too few for a header of {header_len}")
-            header = json.loads(f.read(header_len))
-        if not isinstance(header, dict):
-            raise ValueError("its header is not a JSON object")
-        header.pop("__metadata__", None)
-        self.data_start = 8 + header_len
-        self.entries, spans = {}, []
-        for name, entry in header.items():
-            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
-            begin, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
-            nbytes = math.prod(shape) * dtype.itemsize
-            if min([begin, *shape]) < 0 or end - begin != nbytes or self.data_start + end > size:
-                raise ValueError(f"tensor {name}'s bytes [{begin}, {end}) do not fit its shape {shape} "
-                                 f"or lie past the end of the file (truncated?)")
-            self.entries[name] = (dtype, shape, begin)
-            spans.append((begin, end, name))
-        # As safetensors itself: no two tensors may share bytes.
-        for (_, end, first), (begin, _, second) in itertools.pairwise(sorted(spans)):
-            if begin < end:
-                raise ValueError(f"tensors {first} and {second} overlap")
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if size < 8 + header_len:
+                    raise ValueError(f"it has {size} bytes, too few for a header of {header_len}")
+                header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+            header.pop("__metadata__", None)
+            self.data_start, self.entries, spans = 8 + header_len, {}, []
+            for name, entry in header.items():
+                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
+                begin, end = entry["data_offsets"]
+                shape = tuple(entry["shape"])
+                nbytes = math.prod(shape) * dtype.itemsize
+                if min([begin, *shape]) < 0 or end - begin != nbytes or self.data_start + end > size:
+                    raise ValueError(f"tensor {name}'s bytes [{begin}, {end}) do not fit its shape {shape} "
+                                     f"or lie past the end of the file (truncated?)")
+                self.entries[name] = (dtype, shape, begin)
+                spans.append((begin, end, name))
+            # As safetensors itself: no two tensors may share bytes.
+            for (_, end, first), (begin, _, second) in itertools.pairwise(sorted(spans)):
+                if begin < end:
+                    raise ValueError(f"tensors {first} and {second} overlap")
+        except Exception as e:  # missing, truncated, or not safetensors: loaders say no more than this
+            raise ValueError(f"{path} is not a readable safetensors file ({error_line(e)})") from None
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin = self.entries[name]
@@ -339,12 +334,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'} has no {e.args[0]!r}") from None
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
-    readers, files = [], safetensors_files(path)
-    try:
-        for f in files:
-            readers.append(SafetensorsFile(f))
-    except Exception as e:
-        raise ValueError(f"{f} is not a readable safetensors file ({error_line(e)})") from None
+    readers = [SafetensorsFile(f) for f in safetensors_files(path)]
     where = {name: r for r in readers for name in r.entries}
     # Before anything is built: a config.json claiming millions of layers would take minutes to
     # build even on the meta device. Every other size is checked against its tensor's shape below.
@@ -463,6 +453,7 @@ def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=Non
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
+    """model.safetensors, or shards of at most max_shard_bytes (a larger tensor alone) and their index."""
     shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -471,14 +462,12 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
             size = 0
         shards[-1][name] = t
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    n = len(shards)
+    filenames = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
+    for filename, shard in zip(filenames, shards):
         save_file(shard, out / filename, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, filename)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if n > 1:
+        weight_map = {name: filename for filename, shard in zip(filenames, shards) for name in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Helpers any module may use; this one imports nothing of minidpo, so imports flow one way: one-line
-errors, JSON files read and their keys checked (a downloaded config.json is untrusted input), and the one
-convention for writing a directory safely (a crash never leaves a half-written one)."""
+errors, Hub downloads, JSON files read and their keys checked (a downloaded config.json is untrusted
+input), and the one convention for writing a directory safely (a crash never leaves a half-written one)."""
 
 import json
 import math
@@ -14,6 +14,18 @@ def error_line(e: BaseException) -> str:
     """An exception as one line for the user: its message's first line, or its type if it has none."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def hub_snapshot(repo_id: str, what: str, **options) -> Path:
+    """The files of a Hub repo (allow_patterns and repo_type in `options`), downloaded or found in the HF
+    cache by huggingface_hub (HF_HUB_OFFLINE=1 is honoured); `what` names the repo in the error line."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, **options))
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        raise FileNotFoundError(f"could not get {what} from the Hugging Face Hub or its cache: "
+                                f"{error_line(e)}") from None
 
 
 def print_error(message: str):

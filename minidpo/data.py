@@ -13,7 +13,7 @@ import math
 import random
 from pathlib import Path
 
-from .common import error_line
+from .common import hub_snapshot
 
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 
@@ -91,7 +91,11 @@ def data_files(name_or_path: str, split: str = "train", config: str | None = Non
         # Anything that cannot be an "owner/name" repo id was meant as a local path.
         if name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(EXTENSIONS) or name_or_path.count("/") > 1:
             raise FileNotFoundError(f"{name_or_path}: no such file or directory")
-        path = _download(name_or_path, split, config)
+        # The file names this function recognises, at the top or in any folder (fnmatch's * crosses "/").
+        prefix = f"{config}/" if config else ""
+        globs = [split, f"{split}-*", f"{split}/*", f"*/{split}", f"*/{split}-*", f"*/{split}/*"]
+        patterns = [prefix + glob + ext for glob in globs for ext in EXTENSIONS]
+        path = hub_snapshot(name_or_path, f"dataset {name_or_path!r}", repo_type="dataset", allow_patterns=patterns)
     root = path / config if config else path
     if not root.is_dir():
         raise FileNotFoundError(f"{name_or_path}: no configuration {config!r} (expected a subdirectory {root})")
@@ -103,21 +107,6 @@ def data_files(name_or_path: str, split: str = "train", config: str | None = Non
     if split not in splits:
         raise ValueError(f"{name_or_path}: no split {split!r}; available: {', '.join(sorted(splits)) or 'none'}")
     return splits[split]
-
-
-def _download(repo_id: str, split: str, config: str | None) -> Path:
-    """Fetch one split of a Hub dataset repo (or find it in the HF cache; HF_HUB_OFFLINE=1 is honoured)."""
-    from huggingface_hub import snapshot_download
-
-    # The file names data_files() recognises, at the top or in any folder (fnmatch's * crosses "/").
-    prefix = f"{config}/" if config else ""
-    globs = [split, f"{split}-*", f"{split}/*", f"*/{split}", f"*/{split}-*", f"*/{split}/*"]
-    patterns = [prefix + glob + ext for glob in globs for ext in EXTENSIONS]
-    try:
-        return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns))
-    except Exception as e:  # network, auth, missing repo: all end the same way for the user
-        raise FileNotFoundError(
-            f"could not get dataset {repo_id!r} from the Hugging Face Hub or its cache: {error_line(e)}") from None
 
 
 def read_rows(path: Path) -> list[tuple[str, dict]]:

@@ -114,11 +114,20 @@ def brevity(prompts, completions, **kwargs) -> list[float]:
     return [-len(c if isinstance(c, str) else c[-1]["content"]) / 100 for c in completions]
 
 
+class Pretrained:
+    """A class built from (model, tokenizer) and options; from_pretrained loads the pair (load_pretrained)."""
+
+    @classmethod
+    def from_pretrained(cls, path: str = "offline:SmolLM2-135M-Instruct", dtype=None, device=None, **options):
+        model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+        return cls(model, tokenizer, **options)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pointwise scores: a tensor [N] for N (prompt, completion) rows.
 
 
-class RewardModel:
+class RewardModel(Pretrained):
     """A sequence-classification model (num_labels=1) scoring each prompt + completion as its own
     tokenizer renders them (Tokenizer.render), as its training data looked. The score is read at each
     row's last real token, so either `padding_side` works. The whole text is scored, as TRL does; only
@@ -132,11 +141,6 @@ class RewardModel:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length = max_length or (model.cfg.hf_config or {}).get("max_position_embeddings")
         self.batch_size, self.padding_side, self.warned = batch_size, padding_side, False
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype=None, device=None, **options) -> "RewardModel":
-        model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
-        return cls(model, tokenizer, **options)
 
     @torch.inference_mode()
     def __call__(self, prompts: list, completions: list, **unused) -> torch.Tensor:  # [N] on the CPU
@@ -217,7 +221,7 @@ def load_reward_function(spec: str):
 # Model judges: the paper's LLM annotator, local or behind an API.
 
 
-class LLMJudge(PairwiseJudge):
+class LLMJudge(Pretrained, PairwiseJudge):
     """A local instruct model judging pairs from the next-token log-probs of two labels.
 
     One forward pass over the comparison, in the model's chat template with the generation prompt,
@@ -243,12 +247,6 @@ class LLMJudge(PairwiseJudge):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.instruction, self.labels, self.margin, self.batch_size = instruction, labels, margin, batch_size
         self.rng, self.both_orders = random.Random(seed), both_orders
-
-    @classmethod
-    def from_pretrained(cls, path: str = "offline:SmolLM2-135M-Instruct", dtype=None, device=None,
-                        **options) -> "LLMJudge":
-        model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
-        return cls(model, tokenizer, **options)
 
     @torch.inference_mode()
     def label_logprobs(self, prompts, completion_pairs) -> torch.Tensor:
@@ -423,16 +421,12 @@ class Preference:
     chosen, the worst rejected. Of two scores the higher wins and the first on a tie, as in the reference."""
 
     def __init__(self, cfg, device):
-        self.judge, self.scorers, self.penalty = None, [], cfg.missing_eos_penalty
+        self.scorers, self.penalty = [], cfg.missing_eos_penalty
         dtype = torch.bfloat16 if cfg.bf16 else None  # fp32 unless --bf16: near-tie verdicts can flip in half precision
-        options = {}
-        if cfg.judge == "llm":
-            options = {"path": cfg.judge_model or cfg.model_name_or_path, "device": device,
-                       "instruction": cfg.judge_instruction or DEFAULT_INSTRUCTION}
-        elif cfg.judge == "pair_rm":
-            options = {"device": device, "dtype": dtype, **({"path": cfg.judge_model} if cfg.judge_model else {})}
-        if cfg.judge:
-            self.judge = make_judge(cfg.judge, **options)
+        options = {"llm": {"path": cfg.judge_model or cfg.model_name_or_path, "device": device,
+                           "instruction": cfg.judge_instruction or DEFAULT_INSTRUCTION},
+                   "pair_rm": {"device": device, "dtype": dtype} | ({"path": cfg.judge_model} if cfg.judge_model else {})}
+        self.judge = make_judge(cfg.judge, **options.get(cfg.judge, {})) if cfg.judge else None
         if cfg.reward_model_path:
             self.scorers.append(RewardModel.from_pretrained(cfg.reward_model_path, dtype=dtype, device=device))
         self.scorers += [load_reward_function(f) for f in cfg.reward_funcs or []]

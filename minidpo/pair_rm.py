@@ -196,10 +196,7 @@ def encoder_config(config: dict, shapes: dict, where) -> EncoderConfig:
 def load_pair_rm(path, dtype=None, device=None) -> tuple[PairRM, dict]:
     """(model, config.json) from a PairRM directory, weights converted to dtype (default float32)."""
     config = read_json(path / "config.json")
-    try:
-        weights = SafetensorsFile(path / "model.safetensors")  # PairRM's one file; never a pickle
-    except Exception as e:  # missing, truncated or not safetensors
-        raise ValueError(f"{path / 'model.safetensors'}: no readable PairRM weights ({error_line(e)})") from None
+    weights = SafetensorsFile(path / "model.safetensors")  # PairRM's one file; never a pickle
     shapes = {name: shape for name, (_, shape, _) in weights.entries.items()}
     with torch.device("meta"):
         model = PairRM(encoder_config(config, shapes, path))

@@ -250,7 +250,7 @@ def test_bad_directories(tmp_path, world):
     save_file({**tensors, name: tensors[name][:3]}, str(bad / "model.safetensors"))
     assert f"tensor {name} has shape (3, 32)" in one_line_error(bad)
     (bad / "model.safetensors").unlink()
-    assert "model.safetensors: no readable PairRM weights" in one_line_error(bad)
+    assert "model.safetensors is not a readable safetensors file" in one_line_error(bad)
 
 
 # ---------------------------------------------------------------------------------------------
