@@ -2,7 +2,8 @@
 
 Online DPO samples n (usually 2) completions per prompt from the weights being trained, at every
 step, so generation is most of a step's time. What keeps it fast:
-- The KV cache is allocated once and reused by every call; it only grows.
+- The KV cache is allocated once and reused by every call; it only grows. Without graphs a step
+  attends over the columns written so far, not the whole cache.
 - A prompt is prefilled once; its n samples copy its keys and values instead of recomputing them.
 - On CUDA the one-token decode step is a captured CUDA graph: one launch per step instead of
   hundreds of small kernels. The optimizer updates the weights in place, so a graph captured at the
