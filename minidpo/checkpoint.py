@@ -2,8 +2,7 @@
 
 The model fuses q/k/v and the SwiGLU gate/up projections (see model.py); the files keep HF's
 separate tensors. tensor_plan below is the one place where the two namings meet, used in both
-directions. Weights are read from safetensors only: nothing is ever unpickled.
-"""
+directions. Weights are read from safetensors only: nothing is ever unpickled."""
 
 import itertools
 import json
@@ -20,9 +19,8 @@ from .common import (COUNT, FLAG, NUMBER, OBJECT, SIZE, TEXT, TOKEN_IDS, check_k
                      read_json, replace_dir, temp_dir_beside)
 from .tokenizer import Tokenizer, read_generation_config
 
-# Architecture name prefix -> family. Each family has a causal LM and a sequence-classification
-# (reward) head; Gemma 3's language model also loads from a Gemma3ForConditionalGeneration
-# checkpoint (its vision tower is skipped) and is saved back as Gemma3ForCausalLM.
+# Architecture prefix -> family, each with a causal LM and a sequence-classification (reward) head; Gemma 3's
+# LM also loads from Gemma3ForConditionalGeneration (vision tower skipped), saved back as Gemma3ForCausalLM.
 FAMILY_PREFIXES = {"Llama": "llama", "Qwen2": "qwen2", "GPTNeoX": "gpt_neox", "Qwen3": "qwen3", "Mistral": "mistral",
                    "Gemma2": "gemma2", "Gemma3": "gemma3", "Phi3": "phi3", "Olmo2": "olmo2", "SmolLM3": "smollm3"}
 FAMILIES = {f"{prefix}For{head}": family for prefix, family in FAMILY_PREFIXES.items()
@@ -56,9 +54,8 @@ CONFIG_KEYS = {
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a config.json in either spelling: transformers 4 (rope_theta, rope_scaling,
-    rotary_pct, rope_local_base_freq) or transformers 5 (rope_parameters, per layer type for Gemma 3,
-    partial_rotary_factor)."""
+    """ModelConfig from a config.json of transformers 4 (rope_theta, rope_scaling, rotary_pct, rope_local_base_freq)
+    or 5 (rope_parameters, per layer type for Gemma 3, partial_rotary_factor)."""
     arch = (hf.get("architectures") or ["?"])[0]
     family = FAMILIES.get(arch)
     if family is None:
@@ -135,10 +132,8 @@ def language_model_config(hf: dict) -> dict:
 
 
 def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
-    """minidpo parameter name -> the HF tensor names it is made of (concatenated along dim 0).
-
-    GPT-NeoX's fused query_key_value is one tensor, but interleaved per head; neox_qkv_to_ours
-    reorders it. Only GPT-NeoX's LayerNorms have a bias (cfg.layer_norm)."""
+    """minidpo parameter name -> the HF tensor names it is made of (concatenated along dim 0). GPT-NeoX's
+    query_key_value is interleaved per head (neox_qkv_to_ours reorders it); only its LayerNorms have a bias."""
     family = FAMILIES[hf["architectures"][0]]
     names = HF_NAMES.get(family, LLAMA_NAMES)
     classifier = cfg.num_labels > 0
@@ -190,9 +185,8 @@ HF_NAMES = {
 
 
 def stored_name(name: str, stored) -> str:
-    """An HF tensor name as the files hold it: as it is, or where a Gemma 3 vision-language checkpoint
-    keeps its language model (transformers 4 and 5 save "language_model.model.*", the class itself
-    holds "model.language_model.*")."""
+    """An HF tensor name as the files hold it: as it is, or where a Gemma 3 vision-language checkpoint keeps
+    its LM (transformers 4 and 5 save "language_model.model.*", the class holds "model.language_model.*")."""
     candidates = (name, "language_model." + name, name.replace("model.", "model.language_model.", 1))
     return next((candidate for candidate in candidates if candidate in stored), name)
 
@@ -268,14 +262,11 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.
 
 
 class SafetensorsFile:
-    """A .safetensors file, read with plain file reads into tensors this process owns.
-
-    The format: the header's length (8 bytes, little-endian), a JSON header mapping each name to
-    {"dtype", "shape", "data_offsets": [begin, end]} (bytes after the header), then the data.
-    safetensors' safe_open memory-maps it instead, and the mapped pages read to build the fused
-    q/k/v and gate/up tensors stay resident beside the fused copies while any tensor aliases them
-    (~280 MB for SmolLM2-135M, twice over for a policy and its reference); read, a model holds
-    its weights once."""
+    """A .safetensors file, read with plain file reads into tensors this process owns. The format: the header's
+    length (8 bytes, little-endian), a JSON header mapping each name to {"dtype", "shape", "data_offsets":
+    [begin, end]} (bytes after the header), then the data. safetensors' safe_open memory-maps it instead, and
+    the pages read to build the fused q/k/v and gate/up stay resident beside the fused copies while any tensor
+    aliases them (~280 MB for SmolLM2-135M, twice over for a policy and its reference); read, they are held once."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -319,11 +310,9 @@ class SafetensorsFile:
 
 
 def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | None = None) -> Transformer:
-    """Build the model on the meta device, then fill it tensor by tensor from the safetensors files,
-    converted to `dtype` (default float32) on `device`: peak memory stays about one copy.
-
-    num_labels turns a causal LM into a reward model: the same body and a new `score` head
-    (initialised as transformers does, normal with std 0.02), for Bradley-Terry training."""
+    """Build the model on the meta device, then fill it tensor by tensor from the safetensors files, converted
+    to `dtype` (default float32) on `device`: peak memory stays about one copy. num_labels turns a causal LM
+    into a reward model: the same body, a new `score` head (normal with std 0.02, as transformers initialises)."""
     path = resolve(name_or_path)
     hf = language_model_config(check_keys(read_json(path / "config.json"), CONFIG_KEYS, path / "config.json"))
     new_head = num_labels is not None and (hf.get("architectures") or [""])[0].endswith("ForCausalLM")
@@ -352,8 +341,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
         state["score.weight"] = torch.randn(expected["score.weight"].shape, dtype=dtype, device=device) * 0.02
     for ours, theirs in plan.items():
         theirs = [stored_name(t, where) for t in theirs]
-        # Check each file tensor against its share of ours before fusing, so the error names the
-        # tensor that is wrong (and a mismatch is never a bare torch.cat error).
+        # Each file tensor is checked against its share of ours before fusing: the error names it, not torch.cat.
         want = expected[ours].shape
         rows = split_sizes(cfg, ours) if len(theirs) > 1 else [want[0]]
         parts = []
@@ -381,8 +369,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
 
 
 def load_pretrained(name_or_path: str, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a local HF directory, a Hub repo id, or the offline SmolLM2
-    ("offline:SmolLM2-135M-Instruct"). dtype defaults to float32."""
+    """(model, tokenizer) from a local HF directory, a Hub repo id or "offline:SmolLM2-135M-Instruct"."""
     path = resolve(name_or_path)
     model, tokenizer = load_model(str(path), dtype=dtype, device=device), Tokenizer.from_dir(path)
     check_vocabulary(tokenizer, model.cfg, path)
@@ -419,10 +406,9 @@ def split_sizes(cfg: ModelConfig, name: str) -> list[int]:
 
 def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 5 * 2**30):
     """Write the HF layout (config.json, safetensors shards with an index above max_shard_bytes,
-    generation_config.json, tokenizer files) so transformers' from_pretrained loads it.
+    generation_config.json, tokenizer files) that from_pretrained loads: built beside out_dir and renamed
+    into place (common.py), so a crash leaves the previous model intact, never a half-written one."""
 
-    Written beside it and renamed into place when complete (common.py): a crash leaves the previous
-    model (if any) intact, never a half-written one."""
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)
     try:
