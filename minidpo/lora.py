@@ -1,17 +1,16 @@
 """LoRA (Hu et al. 2021) on minidpo's own layers, saved and loaded in PEFT's file layout.
 
-An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output
-columns of each adapted slice s (q_proj and v_proj of the fused q/k/v layer, say),
-scale * (x A_s^T) B_s^T with A_s [r, in], B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)).
-B starts at zero, so training starts exactly at the base model, which is also the reference:
-the same layers with the adapters off. Adapters sit beside the weights (layers.0.attn.qkv.lora_A.q_proj);
-PEFT names them after the HF module (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight),
-and checkpoint.tensor_plan relates the two (GPT-NeoX's interleaved query_key_value: B's rows reordered).
+An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output columns of each
+adapted slice s (q_proj and v_proj of the fused q/k/v layer, say), scale * (x A_s^T) B_s^T with A_s [r, in],
+B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)). B starts at zero, so training starts exactly at the
+base model, which is also the reference: the same layers with the adapters off. Adapters sit beside the weights
+(layers.0.attn.qkv.lora_A.q_proj); PEFT names them after the HF module
+(base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight), and checkpoint.tensor_plan relates the two
+(GPT-NeoX's interleaved query_key_value: B's rows reordered).
 
-Rollouts decode with the adapters merged into W (adapters_merged): 1.2x (q, v) to 1.5x (all linear
-layers) faster on CPU than per-step low-rank products (bench/RESULTS.md). The adapted rows are copied
-back after, exactly, at the same address, so CUDA graphs captured inside the merge stay valid.
-"""
+Rollouts decode with the adapters merged into W (adapters_merged): 1.2x (q, v) to 1.5x (all linear layers)
+faster on CPU than per-step low-rank products (bench/RESULTS.md). The adapted rows are copied back after,
+exactly, at the same address, so CUDA graphs captured inside the merge stay valid."""
 
 import argparse
 import json
@@ -33,8 +32,7 @@ from .common import error_line, print_error, read_json
 from .cpu import linear
 from .model import Linear, Transformer
 
-# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the families minidpo runs.
-# PEFT's default targets per family; PEFT names none for Phi-3, OLMo 2 and SmolLM3 (the flag is then needed).
+# PEFT's default targets (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING); none for Phi-3, OLMo 2, SmolLM3.
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"]} | dict.fromkeys(
     ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"], ["q_proj", "v_proj"])
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -51,9 +49,8 @@ class LoraSpec:
 
 
 class LoraLinear(nn.Module):
-    """A frozen linear layer (its weight and bias under their old names) plus adapters on named
-    slices of its outputs: `slices` maps a Hugging Face module name (e.g. model.layers.0.self_attn.q_proj)
-    to (first output row, rows). The adapter tensors are fp32 whatever the base's dtype, as PEFT's."""
+    """A frozen linear layer (weight and bias under their old names) plus adapters, fp32 as PEFT's, on slices of
+    its outputs: `slices` maps an HF module name (model.layers.0.self_attn.q_proj) to (first output row, rows)."""
 
     def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], spec: LoraSpec):
         super().__init__()
@@ -141,8 +138,7 @@ def low_rank_update(layer: LoraLinear, s: str) -> torch.Tensor:
 
 @contextmanager
 def adapters_merged(model: nn.Module):
-    """For the block's duration the adapters are merged into the weights and switched off (a
-    rollout's decoding runs at the base model's speed); the adapted rows are restored exactly after."""
+    """Adapters merged into the weights and switched off for the block (decoding at the base model's speed)."""
     saved = []
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -160,8 +156,9 @@ def adapters_merged(model: nn.Module):
 
 
 def adapter_names(model: Transformer):
-    """(our name, PEFT's name, whether its rows are in GPT-NeoX's interleaved q/k/v order in PEFT's
-    file) of every adapter tensor: A's rows are the rank, B's the adapted output rows."""
+    """(our name, PEFT's name, whether PEFT's file has its rows in GPT-NeoX's interleaved q/k/v order) of every
+    adapter tensor: A's rows are the rank, B's the adapted output rows."""
+
     for name, layer in lora_layers(model).items():
         neox = is_neox_qkv(model.cfg.hf_config, f"{name}.weight")
         for s, (hf_name, _, _) in layer.slices.items():
