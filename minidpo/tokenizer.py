@@ -1,12 +1,9 @@
-"""A small tokenizer: `tokenizers.Tokenizer` plus special tokens and the chat template.
+"""A small tokenizer: `tokenizers.Tokenizer` plus special tokens and the chat template. From a Hugging Face model
+directory's files it gives the same ids and rendered chat as `transformers.AutoTokenizer`, without transformers.
 
-It reads the files a Hugging Face model directory holds and gives the same ids and the same rendered chat as
-`transformers.AutoTokenizer` on that directory, without importing transformers.
-
-BOS/EOS: transformers 5 drops `add_bos_token` / `add_eos_token` from tokenizer_config.json whenever a tokenizer.json
-is present, and keeps the post-processor stored in tokenizer.json as it is (Llama included). So `encode` is the plain
-`tokenizers` encode and those two keys are deliberately not read.
-"""
+BOS/EOS: transformers 5 ignores `add_bos_token` / `add_eos_token` in tokenizer_config.json whenever a tokenizer.json
+is present and keeps its stored post-processor as it is (Llama included), so `encode` is the plain `tokenizers`
+encode and those two keys are deliberately not read."""
 
 from __future__ import annotations
 
@@ -158,9 +155,8 @@ def _compile(template: str) -> jinja2.Template:
 
 
 def _render(template: jinja2.Template, **variables) -> str:
-    """template.render within MAX_TEMPLATE_STEPS lines of template code: the one bound on time that
-    covers every loop and recursion. Jinja compiles a template to Python whose frames are named
-    <template>; only those are traced, line by line."""
+    """template.render within MAX_TEMPLATE_STEPS lines of template code: the one time bound covering every loop
+    and recursion. Jinja compiles templates to Python in frames named <template>; only those are traced."""
     steps = 0
 
     def count(frame, event, arg):
@@ -181,8 +177,7 @@ def _render(template: jinja2.Template, **variables) -> str:
 class Tokenizer:
     def __init__(self, backend: _Backend, special: dict[str, str | None], chat_template: str | None = None,
                  extra_eos_ids: list[int] = (), template_origin: str = "chat_template"):
-        # A tokenizer.json may be saved with padding or truncation switched on; transformers turns both off
-        # unless asked, so every plain encode here must too.
+        # A tokenizer.json may be saved with padding or truncation on; transformers turns both off unless asked.
         backend.no_padding()
         backend.no_truncation()
         self._tok = backend
@@ -192,8 +187,7 @@ class Tokenizer:
         self.bos_token_id, self.eos_token_id, pad_id = map(self._id, (self.bos_token, self.eos_token, self.pad_token))
         # Many chat models ship no pad token: eos pads instead (padding is masked out anyway).
         self.pad_token_id = self.eos_token_id if pad_id is None else pad_id
-        # Instruct models often end a turn with a token other than the tokenizer's eos (e.g. <|eot_id|>),
-        # listed only in generation_config.json; the sampler has to stop on any of them.
+        # Instruct turns may end with a token other than eos (<|eot_id|>), listed only in generation_config.json.
         self.eos_token_ids = list(dict.fromkeys(i for i in (self.eos_token_id, *extra_eos_ids) if i is not None))
 
     def _id(self, token: str | None) -> int | None:
@@ -257,12 +251,11 @@ class Tokenizer:
     def render(self, prompt, completion=None) -> str:
         """The text a model reads for a prompt, or a prompt and its completion (a reward model's input).
 
-        A plain prompt is its text, the completion appended. A conversation (a list of {"role",
-        "content"} messages) goes through the chat template: a completion becomes the assistant's
-        turn (a completion that is a list of messages is appended as it is); without one the text
-        ends with the generation prompt, where the assistant's answer starts. A conversation that
-        ends with an assistant turn is continued instead (transformers' continue_final_message, as
-        TRL does), and a completion of it is appended to that turn's text."""
+        A plain prompt is its text, the completion appended. A conversation (a list of {"role", "content"}
+        messages) goes through the chat template: a completion becomes the assistant's turn (a list of messages
+        is appended as it is); without one the text ends with the generation prompt. A conversation ending
+        with an assistant turn is continued instead (continue_final_message, as TRL does), a completion
+        appended to that turn's text."""
         if isinstance(prompt, str):
             return prompt + (completion or "")
         continued = prompt[-1]["role"] == "assistant"
@@ -277,11 +270,9 @@ class Tokenizer:
         return self.apply_chat_template(prompt + completion)
 
     def encode_rows(self, prompts: list, completions: list | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask) of render(prompt, completion) for each row; kwargs as for __call__.
-
-        The one place of the rule for special tokens: a plain prompt gets the tokenizer's own (its
-        post-processor adds BOS where the model wants one), a rendered conversation does not (the
-        chat template wrote them, and encoding with them would add a second BOS)."""
+        """(ids, mask) of render(prompt, completion) for each row; kwargs as for __call__. The one place of
+        the rule for special tokens: a plain prompt gets the tokenizer's own (its post-processor adds BOS
+        where the model wants one), a conversation does not (its template wrote them: a second BOS otherwise)."""
         completions = completions if completions is not None else [None] * len(prompts)
         texts = [self.render(p, c) for p, c in zip(prompts, completions, strict=True)]
         return self(texts, add_special_tokens=[isinstance(p, str) for p in prompts], **kwargs)
@@ -298,10 +289,9 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (no chat_template.jinja and none in "
                              "tokenizer_config.json)")
-        # transformers drops None-valued keys (e.g. content=None from OpenAI-style messages): templates test
-        # for a missing key and would otherwise print "None".
+        # As transformers, drop None values (OpenAI-style content=None): templates test for a missing key.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        # A message's reasoning goes under every name templates read it by (Qwen3: reasoning_content), as in
+        # A message's reasoning goes under every name templates read (Qwen3: reasoning_content), as in
         # transformers: the first of these present fills "reasoning_content" and, if absent, "thinking".
         for i, m in enumerate(messages):
             reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
@@ -316,10 +306,9 @@ class Tokenizer:
         variables = {k: getattr(self, k) for k in SPECIAL_TOKENS if getattr(self, k) is not None}
         variables.update({"tools": None, "documents": None, "add_generation_prompt": add_generation_prompt, **kwargs})
         text = self._render(messages, variables)
-        # A template may drop the messages of a role it does not know, silently; transformers renders
-        # them all the same. So each new role is probed once: rendered with its contents replaced by a
-        # marker, which must show (a marker, not the contents: templates may trim or rewrite those; digits,
-        # which no case change, trim or title touches).
+        # A template may silently drop the messages of a role it does not know (transformers renders them all
+        # the same), so each new role is probed once with its contents replaced by a marker that must show (not
+        # the contents: templates may trim or rewrite those; digits, which no case change, trim or title touches).
         for role in {m.get("role") for m in messages} - self.known_roles:
             marker = "5093172864"
             probe = [{**m, "content": marker} if m.get("role") == role else m for m in messages]
@@ -331,8 +320,8 @@ class Tokenizer:
                 raise ValueError("the chat template drops the final message's text, so it cannot be continued")
             end = text.rindex(tag.strip())  # a template that strips the message's end loses the tag's space too
             text = text[:end] if text[end:end + len(tag)] == tag else text[:end].rstrip()
-        # The template writes BOS itself when the model wants one; encoding with specials would double it.
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        return self.encode(text, add_special_tokens=False) if tokenize else text  # no second BOS: encode_rows
+
 
     def _render(self, messages: list[dict], variables: dict) -> str:
         try:
