@@ -408,7 +408,6 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     """Write the HF layout (config.json, safetensors shards with an index above max_shard_bytes,
     generation_config.json, tokenizer files) that from_pretrained loads: built beside out_dir and renamed
     into place (common.py), so a crash leaves the previous model intact, never a half-written one."""
-
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)
     try:

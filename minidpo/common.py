@@ -66,7 +66,6 @@ TOKEN_IDS = ("a token id or a list of token ids",
 
 
 def temp_name(target: Path) -> Path:
-    """The hidden `.NAME.tmp` beside `target` that temp_dir_beside creates."""
     return Path(target).with_name(f".{Path(target).name}.tmp")
 
 

@@ -2,8 +2,7 @@
 
 Flag names and defaults are those of TRL's `OnlineDPOConfig` and the `TrainingArguments` fields its
 example commands use, so the reference's commands run with `torchrun train.py` in place of
-`accelerate launch examples/scripts/dpo_online.py`. A few flags are minidpo's own (marked below).
-"""
+`accelerate launch examples/scripts/dpo_online.py`. A few flags are minidpo's own (marked below)."""
 
 import argparse
 import dataclasses
@@ -228,8 +227,8 @@ DEMO_DEFAULTS = {
     "logging_steps": 2, "log_completions_steps": 10, "save_steps": 0,
 }
 
-# Flags of accelerate, DeepSpeed, PEFT or the HF Trainer that people carry over from the reference's
-# commands: each gets a message saying what to do instead, rather than argparse's "unrecognized".
+# Flags of accelerate, DeepSpeed, PEFT or the HF Trainer carried over from the reference's commands: each gets
+# a message saying what to do instead, rather than argparse's "unrecognized".
 UNSUPPORTED = {
     "config_file": "accelerate's config is not needed: launch with torchrun --nproc_per_node=N train.py",
     "num_processes": "pass it to torchrun as --nproc_per_node",
@@ -262,8 +261,7 @@ def _bool(text: str) -> bool:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        # One line, as every other error of train.py, rather than argparse's usage line and then
-        # "train.py: error: ..."; --help shows the usage.
+        # One line, as every other error of train.py, not argparse's usage and "train.py: error: ...".
         self.exit(2, f"error: {message}\n")
 
 

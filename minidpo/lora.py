@@ -1,12 +1,12 @@
 """LoRA (Hu et al. 2021) on minidpo's own layers, saved and loaded in PEFT's file layout.
 
-An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output columns of each
-adapted slice s (q_proj and v_proj of the fused q/k/v layer, say), scale * (x A_s^T) B_s^T with A_s [r, in],
-B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)). B starts at zero, so training starts exactly at the
-base model, which is also the reference: the same layers with the adapters off. Adapters sit beside the weights
-(layers.0.attn.qkv.lora_A.q_proj); PEFT names them after the HF module
-(base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight), and checkpoint.tensor_plan relates the two
-(GPT-NeoX's interleaved query_key_value: B's rows reordered).
+An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output
+columns of each adapted slice s (q_proj and v_proj of the fused q/k/v layer, say),
+scale * (x A_s^T) B_s^T with A_s [r, in], B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)).
+B starts at zero, so training starts exactly at the base model, which is also the reference:
+the same layers with the adapters off. Adapters sit beside the weights (layers.0.attn.qkv.lora_A.q_proj);
+PEFT names them after the HF module (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight),
+and checkpoint.tensor_plan relates the two (GPT-NeoX's interleaved query_key_value: B's rows reordered).
 
 Rollouts decode with the adapters merged into W (adapters_merged): 1.2x (q, v) to 1.5x (all linear layers)
 faster on CPU than per-step low-rank products (bench/RESULTS.md). The adapted rows are copied back after,
@@ -156,9 +156,8 @@ def adapters_merged(model: nn.Module):
 
 
 def adapter_names(model: Transformer):
-    """(our name, PEFT's name, whether PEFT's file has its rows in GPT-NeoX's interleaved q/k/v order) of every
-    adapter tensor: A's rows are the rank, B's the adapted output rows."""
-
+    """(our name, PEFT's name, whether its rows are in GPT-NeoX's interleaved q/k/v order in PEFT's
+    file) of every adapter tensor: A's rows are the rank, B's the adapted output rows."""
     for name, layer in lora_layers(model).items():
         neox = is_neox_qkv(model.cfg.hf_config, f"{name}.weight")
         for s, (hf_name, _, _) in layer.slices.items():

@@ -187,7 +187,7 @@ class Tokenizer:
         self.bos_token_id, self.eos_token_id, pad_id = map(self._id, (self.bos_token, self.eos_token, self.pad_token))
         # Many chat models ship no pad token: eos pads instead (padding is masked out anyway).
         self.pad_token_id = self.eos_token_id if pad_id is None else pad_id
-        # Instruct turns may end with a token other than eos (<|eot_id|>), listed only in generation_config.json.
+        # Turns may end with a non-eos token (<|eot_id|>) named only in generation_config.json: stop on any.
         self.eos_token_ids = list(dict.fromkeys(i for i in (self.eos_token_id, *extra_eos_ids) if i is not None))
 
     def _id(self, token: str | None) -> int | None:
@@ -289,9 +289,9 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (no chat_template.jinja and none in "
                              "tokenizer_config.json)")
-        # As transformers, drop None values (OpenAI-style content=None): templates test for a missing key.
+        # As transformers, drop None values (OpenAI's content=None): templates test for a key, else print "None".
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        # A message's reasoning goes under every name templates read (Qwen3: reasoning_content), as in
+        # A message's reasoning goes under every name templates read it by (Qwen3: reasoning_content), as in
         # transformers: the first of these present fills "reasoning_content" and, if absent, "thinking".
         for i, m in enumerate(messages):
             reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
@@ -321,7 +321,6 @@ class Tokenizer:
             end = text.rindex(tag.strip())  # a template that strips the message's end loses the tag's space too
             text = text[:end] if text[end:end + len(tag)] == tag else text[:end].rstrip()
         return self.encode(text, add_special_tokens=False) if tokenize else text  # no second BOS: encode_rows
-
 
     def _render(self, messages: list[dict], variables: dict) -> str:
         try:
