@@ -2,6 +2,7 @@
 errors, Hub downloads, JSON files read and their keys checked (a downloaded config.json is untrusted
 input), and the one convention for writing a directory safely (a crash never leaves a half-written one)."""
 
+import importlib
 import json
 import math
 import os
@@ -14,6 +15,15 @@ def error_line(e: BaseException) -> str:
     """An exception as one line for the user: its message's first line, or its type if it has none."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def optional_import(module: str, needs: str, install: str):
+    """`module`, imported where an optional feature needs it; if it is missing, one line: `needs`
+    (what needs it), then the pip command's argument that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{needs}: pip install {install}") from None
 
 
 def hub_snapshot(repo_id: str, what: str, **options) -> Path:

@@ -13,7 +13,7 @@ import math
 import random
 from pathlib import Path
 
-from .common import hub_snapshot
+from .common import hub_snapshot, optional_import
 
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 
@@ -112,10 +112,7 @@ def data_files(name_or_path: str, split: str = "train", config: str | None = Non
 def read_rows(path: Path) -> list[tuple[str, dict]]:
     """(where, row) pairs of a file; `where` names the file and the row, or the line in JSON Lines."""
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(f"reading {path} needs pyarrow: pip install 'minidpo[parquet]'") from None
+        pq = optional_import("pyarrow.parquet", f"reading {path} needs pyarrow", "'minidpo[parquet]'")
         rows = [(f"{path}, row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     elif path.suffix in (".json", ".jsonl"):
         try:

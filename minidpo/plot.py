@@ -9,14 +9,13 @@ import json
 import sys
 from pathlib import Path
 
+from .common import optional_import
+
 METRICS = ["rewards/chosen", "rewards/rejected", "objective/scores", "objective/kl"]
 
 
 def plot(metrics_path, out=None) -> Path:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'minidpo[plot]'") from None
+    matplotlib = optional_import("matplotlib", "plotting needs matplotlib", "'minidpo[plot]'")
     matplotlib.use("Agg")  # write files only; never open a window or need a display
     import matplotlib.pyplot as plt
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .common import optional_import
 from .distributed import all_reduce_sum
 
 
@@ -57,16 +58,11 @@ class Tracker:
             log.write_text("".join(logged_up_to(log, resume_step)))
         run_name = cfg.run_name or output_dir.name
         if "tensorboard" in cfg.report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ImportError("--report_to tensorboard needs: pip install 'minidpo[tensorboard]'") from None
-            self.tensorboard = SummaryWriter(str(output_dir / "runs" / run_name))
+            tensorboard = optional_import("torch.utils.tensorboard", "--report_to tensorboard needs",
+                                          "'minidpo[tensorboard]'")
+            self.tensorboard = tensorboard.SummaryWriter(str(output_dir / "runs" / run_name))
         if "wandb" in cfg.report_to:
-            try:
-                import wandb
-            except ImportError:
-                raise ImportError("--report_to wandb needs: pip install 'minidpo[wandb]'") from None
+            wandb = optional_import("wandb", "--report_to wandb needs", "'minidpo[wandb]'")
             self.wandb = wandb.init(name=run_name, config=cfg.to_dict())
 
     def log(self, step: int, total_steps: int, metrics: dict):

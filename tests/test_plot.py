@@ -1,7 +1,6 @@
 """minidpo.plot on a real (tiny) training log: a PNG is written; without matplotlib, one line naming
 the extra."""
 
-import builtins
 import subprocess
 import sys
 
@@ -43,14 +42,7 @@ def test_png_from_training_log(run_dir, tmp_path):
 
 
 def test_missing_matplotlib_names_the_extra(run_dir, tmp_path, monkeypatch, capsys):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert plot.main([str(run_dir), "--out", str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: plotting needs matplotlib: pip install 'minidpo[plot]'"]
