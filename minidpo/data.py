@@ -1,12 +1,10 @@
-"""Training data: prompt-only rows for online DPO, preference rows for reward models, and the batches
-each process takes from them under torchrun.
+"""Training data: prompt rows (online DPO), preference rows (reward models), and each process's batches of them.
 
 A dataset is a local .jsonl / .json / .parquet file, a directory in the Hub's dataset layout
-(`data/train-00000-of-00001.parquet`, `train.jsonl`, ...), or a Hub dataset repo id, of which only the
-requested split's files are downloaded. A row's prompt is either standard (a string) or
-conversational (a list of {"role", "content"} messages); other columns go to reward functions, as in
-TRL. Bad input gets a one-line error naming the file, the row (or JSONL line) and the column.
-"""
+(`data/train-00000-of-00001.parquet`, `train.jsonl`, ...), or a Hub dataset repo id, of which only the requested
+split's files are downloaded. A prompt is standard (a string) or conversational (a list of {"role", "content"}
+messages); other columns go to reward functions, as in TRL. Bad input gets a one-line error naming the file,
+the row (or JSONL line) and the column."""
 
 import json
 import math
@@ -24,11 +22,9 @@ def load_prompts(name_or_path: str, split: str = "train", config: str | None = N
 
 
 def load_preferences(name_or_path: str, split: str = "train", config: str | None = None) -> list[dict]:
-    """Rows {"prompt", "chosen", "rejected"}, chosen and rejected holding the completions alone.
-
-    Conversational datasets often store the whole conversation in chosen and rejected. Without a
-    prompt column, the messages both start with are the prompt (an "implicit prompt"); with one, a
-    copy of the prompt at their start is cut off. Standard (string) rows need a prompt column."""
+    """Rows {"prompt", "chosen", "rejected"}, the completions alone in chosen and rejected. Conversational rows
+    often hold the whole conversation there: without a prompt column, the messages both start with are the prompt
+    (an "implicit prompt"); with one, a copy of it at their start is cut off. String rows need a prompt column."""
     rows = []
     for where, row in split_rows(name_or_path, split, config):
         chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
@@ -79,11 +75,9 @@ def _text(row: dict, column: str, where: str) -> str | list[dict]:
 
 
 def data_files(name_or_path: str, split: str = "train", config: str | None = None) -> list[Path]:
-    """The files holding `split`: the file itself, or those of a dataset directory or Hub repo.
-
-    In a directory, a file belongs to the split its name starts with (train-00000-of-00001.parquet,
-    train.jsonl) or, in the Hub's parquet-conversion layout (train/0000.parquet), to its folder's.
-    `config` names a subdirectory, as in multi-configuration repos."""
+    """The files holding `split`: the file itself, or those of a dataset directory or Hub repo. In a directory, a
+    file belongs to the split its name starts with (train-00000-of-00001.parquet, train.jsonl) or, in the Hub's
+    parquet-conversion layout (train/0000.parquet), to its folder's. `config` names a subdirectory."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return [path]
@@ -144,14 +138,11 @@ def _json(text: str, path: Path, line: int):
 
 
 class PromptSampler:
-    """One process's batches of each epoch, resumable at any (epoch, batch index), as HF's Trainer
-    (under accelerate) deals them.
-
-    Every epoch shuffles the whole dataset with a generator seeded by (seed, epoch), so all ranks
-    agree on the order without talking. The order is cut into batches and batch j goes to rank
-    j % world_size. One process keeps a last partial batch. Several processes must run the same
-    number of equal batches (a rank with one step more would hang in a collective), so, as
-    accelerate's even_batches, the epoch's last round is filled up with the prompts it began with."""
+    """One process's batches of each epoch, resumable at any (epoch, batch index), as HF's Trainer (under
+    accelerate) deals them. Each epoch shuffles the dataset with a generator seeded by (seed, epoch), so ranks
+    agree on the order without talking; batch j goes to rank j % world_size. One process keeps a last partial
+    batch. Several must run the same number of equal batches (a rank with one step more would hang in a
+    collective), so, as accelerate's even_batches, the epoch's last round is filled up with its first prompts."""
 
     def __init__(self, items: list, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 42):
         self.items, self.batch_size, self.rank, self.world_size, self.seed = items, batch_size, rank, world_size, seed

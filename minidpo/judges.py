@@ -1,17 +1,16 @@
 """Preference feedback for online DPO: which of two sampled completions is better.
 
-- A pairwise judge reads a prompt and both completions and names the better one: 0 or 1, or -1 when
-  undecided (a tie, an unreadable answer, a request that failed after every retry). Rule judges need
-  nothing external; LLMJudge asks a local instruct model (the paper's "LLM annotator"); OpenAIJudge a
-  chat-completions endpoint; PairRMJudge (pair_rm.py) runs llm-blender's PairRM, the reference's default.
-- Pointwise scores rate each completion alone: RewardModel or RewardFunctions. Preference turns
-  either kind into the rollout's chosen and rejected completions.
+- A pairwise judge names the better of a prompt's two completions: 0 or 1, or -1 when undecided (a tie, an
+  unreadable answer, a request failed after every retry). Rule judges need nothing external; LLMJudge asks a
+  local instruct model (the paper's "LLM annotator"), OpenAIJudge a chat-completions endpoint, PairRMJudge
+  (pair_rm.py) llm-blender's PairRM, the reference's default.
+- Pointwise scores (RewardModel, RewardFunctions) rate each completion alone. Preference turns either kind
+  into the rollout's chosen and rejected completions.
 
-The trainer drops undecided pairs from the loss and counts them in a metric, so one bad judgment
-never stops a run; but an endpoint that is down ends the run (OpenAIJudge's JudgeError) rather than
-let it train on nothing. Judges read prompts as plain text (prompt_text); only the reward model
-re-renders a conversation with its own chat template, because that is the text it was trained to score.
-"""
+The trainer drops undecided pairs from the loss and counts them, so one bad judgment never stops a run; an
+endpoint that is down ends it (OpenAIJudge's JudgeError) rather than train on nothing. Judges read prompts as
+plain text (prompt_text); only the reward model re-renders a conversation with its own chat template: the text
+it was trained to score."""
 
 import concurrent.futures
 import http.client
@@ -46,9 +45,8 @@ def prompt_text(prompt) -> str:
 
 
 def shuffle_pairs(pairs, rng: random.Random, shuffle: bool = True):
-    """Each pair in a random order (if `shuffle`), and which ones were swapped. Model judges tend to
-    prefer one position (often the first); showing the pairs in random order turns that bias into
-    noise instead of a systematic preference for completion 0."""
+    """Each pair in a random order (if `shuffle`), and which were swapped. Model judges tend to prefer one
+    position (often the first): random order turns that bias into noise, not a preference for completion 0."""
     swapped = [shuffle and rng.random() < 0.5 for _ in pairs]
     return [(b, a) if s else (a, b) for (a, b), s in zip(pairs, swapped)], swapped
 
@@ -59,25 +57,22 @@ def unshuffle(verdicts, swapped) -> list[int]:
 
 
 def comparison(prompt, first: str, second: str, instruction: str, labels: tuple[str, str]) -> str:
-    """The question a model judge answers about one pair, its responses named by the two labels.
-    The instruction comes last, right before the answer: small judges follow it more when it is
-    the last thing they read (measured on SmolLM2-135M; see tests/test_judges.py)."""
+    """The question a model judge answers about one pair, its responses named by the labels. The instruction comes
+    last, where small judges follow it more (measured on SmolLM2-135M; see tests/test_judges.py)."""
     return (f"## Question\n{prompt_text(prompt)}\n\n## Response {labels[0]}\n{first}\n\n"
             f"## Response {labels[1]}\n{second}\n\n{instruction} Reply with {labels[0]} or {labels[1]} only.")
 
 
 class PairwiseJudge:
-    """judge() returns, for each prompt, the index (0 or 1) of the better completion of its pair,
-    or -1 when undecided. shuffle_order asks judges that see both completions at once to present
-    each pair in a random order (see shuffle_pairs); judges without a position bias ignore it."""
+    """judge() returns, per prompt, the index (0 or 1) of its pair's better completion, or -1 when undecided.
+    shuffle_order asks judges that see both at once to show each pair in random order (shuffle_pairs)."""
 
     def judge(self, prompts: list, completion_pairs: list[tuple[str, str]], shuffle_order: bool = True) -> list[int]:
         raise NotImplementedError
 
 
 class ScoreJudge(PairwiseJudge):
-    """Scores each (prompt, completion) alone; the higher score wins, -1 on a tie. Nothing is shown
-    side by side, so there is no position bias and shuffle_order is ignored."""
+    """Scores each (prompt, completion) alone: higher wins, -1 on a tie; shuffle_order is moot (no position bias)."""
 
     def scores(self, prompts: list, completions: list[str]) -> list:
         raise NotImplementedError
@@ -109,8 +104,7 @@ class KeywordJudge(ScoreJudge):
 
 
 def brevity(prompts, completions, **kwargs) -> list[float]:
-    """A rule reward for the offline demo: minus the completion's length in hundreds of characters
-    (a conversational completion is a list of messages, as TRL passes it)."""
+    """The offline demo's rule reward: -len(completion) / 100 (TRL passes a conversational one as messages)."""
     return [-len(c if isinstance(c, str) else c[-1]["content"]) / 100 for c in completions]
 
 
@@ -128,11 +122,10 @@ class Pretrained:
 
 
 class RewardModel(Pretrained):
-    """A sequence-classification model (num_labels=1) scoring each prompt + completion as its own
-    tokenizer renders them (Tokenizer.render), as its training data looked. The score is read at each
-    row's last real token, so either `padding_side` works. The whole text is scored, as TRL does; only
-    rows longer than max_length (by default max_position_embeddings) are cut from the left, with a
-    warning, so that the end of the completion is always scored."""
+    """A sequence-classification model (num_labels=1) scoring each prompt + completion as its own tokenizer
+    renders them (Tokenizer.render), as its training data looked, read at each row's last real token (so either
+    `padding_side` works). The whole text is scored, as in TRL; only rows longer than max_length (default
+    max_position_embeddings) are cut from the left, with a warning, so the completion's end is always scored."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
                  padding_side: str = "right"):
@@ -172,11 +165,9 @@ class RewardModelJudge(ScoreJudge):
 
 
 class RewardFunctions:
-    """Reward functions combined into one score per completion, like TRL's `reward_funcs`.
-
-    A reward function is a callable (prompts, completions, **kwargs) -> list[float] (a RewardModel
-    is one); the keyword arguments are passed through. A value of None means "no opinion on this
-    completion" and is left out of its weighted sum, as in TRL."""
+    """Reward functions, callables (prompts, completions, **kwargs) -> list[float] such as a RewardModel, summed
+    with weights into one score per completion, like TRL's `reward_funcs`. As in TRL, a value of None means "no
+    opinion on this completion" and is left out of its sum."""
 
     def __init__(self, funcs: list, weights: list[float] | None = None):
         if weights is not None and len(weights) != len(funcs):
@@ -222,18 +213,15 @@ def load_reward_function(spec: str):
 
 
 class LLMJudge(Pretrained, PairwiseJudge):
-    """A local instruct model judging pairs from the next-token log-probs of two labels.
-
-    One forward pass over the comparison, in the model's chat template with the generation prompt,
-    reads the two labels' log-probs as the answer's first token: no sampling, so a verdict is
+    """A local instruct model judging pairs from the log-probs of two labels as the answer's first token, in one
+    forward pass over the comparison (chat template, generation prompt): no sampling, so a verdict is
     deterministic for a given order. `instruction` sets what "better" means (controllable feedback).
 
-    Small judges prefer the first response shown far more than anything they read in it (about
-    2.3 nats for SmolLM2-135M). With both_orders (the default) each pair is shown both ways, two rows,
-    and preferences() cancels that bias exactly; shuffle_order is then moot. Without it each pair is
-    shown once, shuffled if asked, and its preference is its label gap. A pair is undecided (-1) when
-    its preference is within `margin`: 0.01 nats is far above batching's rounding (~1e-5) and below
-    what an instruction moves (~0.1), so only pairs the model can hardly tell apart are -1."""
+    Small judges prefer the first response shown far more than anything they read in it (about 2.3 nats for
+    SmolLM2-135M). With both_orders (the default) each pair is shown both ways, two rows, and preferences()
+    cancels that bias exactly; shuffle_order is then moot. Without it each pair is shown once, shuffled if
+    asked, and its preference is its label gap. A pair is undecided (-1) within `margin`: 0.01 nats is far above
+    batching's rounding (~1e-5) and below what an instruction moves (~0.1)."""
 
     def __init__(self, model, tokenizer, instruction: str = DEFAULT_INSTRUCTION, labels=("A", "B"),
                  margin: float = 0.01, batch_size: int = 8, seed: int = 0, both_orders: bool = True):
@@ -265,10 +253,9 @@ class LLMJudge(Pretrained, PairwiseJudge):
         return torch.cat(out).cpu()
 
     def preferences(self, prompts, completion_pairs) -> torch.Tensor:
-        """[N]: how much the judge prefers completion 0 to completion 1, in nats. The label gap
-        logp(first label) - logp(second label) with completion 0 shown first, minus the same gap
-        with completion 1 shown first: a preference for a position or a label is in both gaps and
-        cancels, what is left comes from the content. Swapping a pair negates it."""
+        """[N]: how much the judge prefers completion 0 to 1, in nats: the label gap logp(first label) -
+        logp(second label) with completion 0 shown first, minus that with completion 1 first. A preference for a
+        position or a label is in both gaps and cancels; the rest comes from the content. Swapping negates it."""
         # Both orders of a pair in adjacent rows: the same batch, about the same length.
         shown = [order for a, b in completion_pairs for order in ((a, b), (b, a))]
         logprobs = self.label_logprobs([p for p in prompts for _ in range(2)], shown)
@@ -287,18 +274,14 @@ class LLMJudge(Pretrained, PairwiseJudge):
 
 
 class OpenAIJudge(PairwiseJudge):
-    """An OpenAI-compatible chat-completions endpoint as the judge, over plain http.client.
+    """An OpenAI-compatible chat-completions endpoint as the judge, over plain http.client: one request per pair,
+    `max_workers` at a time, answered "0" or "1" (any other reply is -1). A request is retried with exponential
+    backoff and jitter on HTTP 429/5xx, timeouts and connection errors; a pair that still fails is -1 and counted
+    in `self.failures` (lifetime). If all pairs of a call fail, judge() raises JudgeError (endpoint, last error).
 
-    Each pair is one request, `max_workers` at a time, answered with "0" or "1"; any other reply is
-    undecided (-1). A request is retried with exponential backoff and jitter on HTTP 429/5xx, timeouts
-    and connection errors; a pair that still fails is -1 and counted in `self.failures` (over the
-    judge's lifetime). If every pair of a call fails, judge() raises JudgeError naming the endpoint
-    and the last error.
-
-    Each try has `timeout` seconds in all (connecting, sending, every byte of the reply), so a
-    pair gives up after at most (max_retries + 1) * timeout + backoff * (2**(max_retries + 1) - 2)
-    seconds: 40 + 28 with the defaults, about a minute before "the judge is down". Redirects are
-    never followed: the API key goes to the configured host and no other. No proxy is used."""
+    Each try has `timeout` seconds in all (connecting, sending, every byte of the reply), so a pair gives up
+    after at most (max_retries + 1) * timeout + backoff * (2**(max_retries + 1) - 2) seconds: 40 + 28 with the
+    defaults. Redirects are never followed: the API key goes to the configured host and no other. No proxy."""
 
     def __init__(self, model: str = "gpt-4o-mini", base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  instruction: str = DEFAULT_INSTRUCTION, timeout: float = 10.0, max_retries: int = 3,
@@ -339,9 +322,8 @@ class OpenAIJudge(PairwiseJudge):
         return content
 
     def post(self, body: bytes, headers: dict) -> tuple[int, str, bytes]:
-        """One POST to self.url: (status, reason, reply body), over within self.timeout seconds. The
-        socket's own timeout bounds each read only; a server sending a byte every few seconds would
-        hold it forever, so a watchdog shuts the socket at the deadline."""
+        """One POST to self.url: (status, reason, reply body) within self.timeout s. The socket's timeout bounds
+        each read only (a byte every few seconds would hold it forever): a watchdog shuts it at the deadline."""
         url = urllib.parse.urlsplit(self.url)
         connection = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(
             url.netloc, timeout=self.timeout)
@@ -414,11 +396,9 @@ def make_judge(name: str, **options) -> PairwiseJudge:
 
 class Preference:
     """Which of each prompt's n sampled completions are chosen and rejected (the rollout's last part).
-
-    A pairwise judge compares a prompt's two completions; -1 (undecided) drops the pair. A reward
-    model and/or reward functions (weighted by reward_weights, the model's first) score each
-    completion, completions without EOS lose missing_eos_penalty, and the best-scored completion is
-    chosen, the worst rejected. Of two scores the higher wins and the first on a tie, as in the reference."""
+    A pairwise judge compares a prompt's two completions; -1 (undecided) drops the pair. A reward model and/or
+    reward functions (weighted by reward_weights, the model's first) score each completion, those without EOS
+    lose missing_eos_penalty, and the best-scored is chosen, the worst rejected (see __call__ for ties)."""
 
     def __init__(self, cfg, device):
         self.scorers, self.penalty = [], cfg.missing_eos_penalty
@@ -433,11 +413,10 @@ class Preference:
         self.rewards = RewardFunctions(self.scorers, cfg.reward_weights)
 
     def __call__(self, rows: list[dict], completions: list[str], has_eos: torch.Tensor, n: int = 2, **kwargs):
-        """(chosen [B], rejected [B], decided [B] bool, scores [B*n] or None) for B dataset rows
-        ({"prompt", other columns}) whose completions are rows b*n .. b*n+n-1 of `completions` and
-        has_eos [B*n]; chosen and rejected index into a prompt's n completions. Reward functions get
-        what TRL passes them: each conversational prompt's completion as an assistant message, the
-        rows' other columns and `kwargs` (completion_ids, trainer_state), one entry per completion."""
+        """(chosen [B], rejected [B], decided [B] bool, scores [B*n] or None) for B dataset rows ({"prompt", ...})
+        with completions b*n .. b*n+n-1 of `completions` and has_eos [B*n]; chosen and rejected index a prompt's n
+        completions. Reward functions get what TRL passes, one entry per completion: conversational completions as
+        an assistant message, the rows' other columns, `kwargs` (completion_ids, trainer_state)."""
         prompts, B = [row["prompt"] for row in rows], len(rows)
         if self.judge is not None:
             pairs = [(completions[n * b], completions[n * b + 1]) for b in range(B)]

@@ -1,5 +1,4 @@
-"""What a training run writes to output_dir: resumable checkpoints, the final model with its
-model card, and the Hub upload.
+"""What a run writes to output_dir: resumable checkpoints, the final model with its model card, the Hub upload.
 
     output_dir/checkpoint-N/   the policy in the HF layout (loadable as it is), plus what resuming
                                needs: state/ (DCP: model and optimizer shards), rng-rank{r}.safetensors,
@@ -9,8 +8,7 @@ model card, and the Hub upload.
 With LoRA (--use_peft) "the model" is the adapter in PEFT's layout (lora.py), and state/ holds only
 the adapters and their optimizer state: the frozen base is the one the run started from.
 
-Every directory is built under a temporary name and renamed when complete (common.py).
-"""
+Every directory is built under a temporary name and renamed when complete (common.py)."""
 
 import json
 import os
@@ -63,9 +61,8 @@ class MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeReader(dcp.FileSystemReader):
-    """DCP's reader, which would unpickle .metadata with plain pickle (running whatever a planted
-    object's __reduce__ says): here only the classes of DCP metadata load, and every data file it
-    names must be a plain name in the checkpoint's directory."""
+    """DCP's reader, but .metadata loads only DCP metadata's classes (plain pickle would run whatever a planted
+    object's __reduce__ says) and may name only plain file names in the checkpoint's directory."""
 
     def read_metadata(self, *args, **kwargs):
         with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
@@ -83,8 +80,7 @@ class SafeReader(dcp.FileSystemReader):
 
 
 class SafePlanner(DefaultLoadPlanner):
-    """DCP's planner, which reads non-tensor values (optimizer hyperparameters) with torch.load's
-    full unpickler: here they must load with weights_only=True (numbers, strings, containers)."""
+    """DCP's planner, loading non-tensor values (optimizer settings) with weights_only=True, not full pickle."""
 
     def load_bytes(self, read_item, value):
         torch.load(value, weights_only=True)  # raises on anything else
@@ -218,10 +214,9 @@ def write_model(state: dict, model, out_dir: Path, tokenizer):
 
 
 def publish(tmp: Path, target: Path):
-    """Move the files of tmp into target, replacing those of an earlier model. target holds checkpoints
-    and logs too, so it cannot be swapped whole like a checkpoint. One weights file replaces the old one
-    in one rename; shards cannot: the old weights go first and the new index last but config.json, so a
-    crash in between leaves an incomplete model that no loader accepts, never old and new shards mixed."""
+    """Move tmp's files into target, over an earlier model's (target also holds checkpoints and logs: it cannot be
+    swapped whole). One weights file replaces the old in one rename; shards cannot: the old weights go first, the
+    new index and then config.json last: a crash between leaves a model no loader accepts, never mixed shards."""
     index = "model.safetensors.index.json"  # (an adapter's two files replace the old ones)
     sharded = (tmp / index).exists()
     for old in [target / index, *target.glob("model*.safetensors")]:

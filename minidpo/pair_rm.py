@@ -11,8 +11,7 @@ and head = Linear(2H -> H) -> tanh -> Linear(H -> 1):
 
 Both orders are scored, so a position preference cancels and swapping A and B negates s. A literal
 "[SEP]" in a text becomes a space (as in llm-blender); a prefix token typed inside a prompt or
-completion is dropped, since the scores are read at those tokens.
-"""
+completion is dropped, since the scores are read at those tokens."""
 
 import math
 import re
@@ -64,14 +63,13 @@ def log_bucket(rel: torch.Tensor, buckets: int, max_position: int) -> torch.Tens
 
 
 class Layer(nn.Module):
-    """A post-norm encoder layer: x = LayerNorm(x + attention(x)), then LayerNorm(x + W2 gelu(W1 x))
-    (exact-erf GELU). The attention is disentangled:
+    """A post-norm encoder layer: x = LayerNorm(x + attention(x)), then LayerNorm(x + W2 gelu(W1 x)) (exact-erf
+    GELU), with disentangled attention:
 
         score(i, j) = (q_i·k_j + q_i·K_r(i,j) + k_j·Q_r(i,j)) / sqrt(3 · head_dim)
 
-    with r(i, j) the relative index of i - j, K = key projection and Q = query projection of the
-    relative embeddings (content->position and position->content terms; the pos_* projections
-    when share_att_key is off)."""
+    r(i, j) the relative index of i - j, K and Q the key and query projections of the relative embeddings
+    (content->position and position->content terms; the pos_* projections when share_att_key is off)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -117,8 +115,7 @@ class PairRM(nn.Module):
         self.head = nn.Sequential(Linear(2 * H, H), nn.Tanh(), Linear(H, 1))
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[R, N, H] last hidden states of ids [R, N]; rows padded where mask is 0 (those states are
-        meaningless: padding is masked as a key only)."""
+        """[R, N, H] last hidden states of ids [R, N]; padding (mask 0) is masked as keys only, its states meaningless."""
         x = self.embed_norm(self.embed(ids))
         key_bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(mask == 0, -math.inf)
         pos = torch.arange(ids.shape[1], device=ids.device)
@@ -212,10 +209,9 @@ def load_pair_rm(path, dtype=None, device=None) -> tuple[PairRM, dict]:
 
 
 class PairRMJudge(PairwiseJudge):
-    """PairRM as a pairwise judge, as TRL 1.0's PairRMJudge: judge() gives, per prompt, the index
-    of the better completion (0 on an exact tie, as there), or with return_scores the probability
-    sigmoid(2 s / temperature) that the first is better. Both orders are always scored, so
-    shuffle_order changes nothing. Conversational prompts are read as prompt_text renders them."""
+    """PairRM as a pairwise judge, as TRL 1.0's PairRMJudge: judge() gives, per prompt, the index of the better
+    completion (0 on an exact tie, as there), or with return_scores the probability sigmoid(2 s / temperature)
+    that the first is better. Both orders are scored (shuffle_order is moot); prompts go through prompt_text."""
 
     def __init__(self, model: PairRM, tokenizer: tokenizers.Tokenizer, source_max_length: int = 1224,
                  candidate_max_length: int = 412):
@@ -245,8 +241,7 @@ class PairRMJudge(PairwiseJudge):
         return [self.ids["[CLS]"], self.ids[prefix]] + body[:max(limit - 3, 0)] + [self.ids["[SEP]"]]
 
     def group(self, prompts, completion_pairs):
-        """ids, mask [2n, N] and the prefix tokens' positions [2n, 3] for n <= 8 prompts: the
-        rows (A, B) of every pair, then the rows (B, A)."""
+        """ids, mask [2n, N] and prefix tokens' positions [2n, 3] for n <= 8 prompts: rows (A, B), then (B, A)."""
         sources = [self.segment(SOURCE, p, self.source_max_length) for p in prompts]
         limit = self.candidate_max_length + (self.source_max_length - max(map(len, sources))) // 2
         bodies = [[self.segment(CANDIDATE, c, limit)[2:] for c in pair] for pair in completion_pairs]  # text + [SEP]
