@@ -115,7 +115,8 @@ class PairRM(nn.Module):
         self.head = nn.Sequential(Linear(2 * H, H), nn.Tanh(), Linear(H, 1))
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[R, N, H] last hidden states of ids [R, N]; padding (mask 0) is masked as keys only, its states meaningless."""
+        """[R, N, H] last hidden states of ids [R, N]; rows padded where mask is 0 (those states are
+        meaningless: padding is masked as a key only)."""
         x = self.embed_norm(self.embed(ids))
         key_bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(mask == 0, -math.inf)
         pos = torch.arange(ids.shape[1], device=ids.device)
