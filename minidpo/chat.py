@@ -2,8 +2,7 @@
 
 Reads one message per line from stdin (so it also works through a pipe), answers through the
 model's chat template with the whole conversation so far, and prints the reply as it is generated.
-`/clear` forgets the conversation, `/exit` (or end of input) quits.
-"""
+`/clear` forgets the conversation, `/exit` (or end of input) quits."""
 
 import argparse
 import sys

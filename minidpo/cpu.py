@@ -12,8 +12,7 @@
 2. Freed memory kept for reuse (keep_freed_memory). glibc serves every allocation over 32 MiB
    with a fresh mmap and unmaps it on free, so each training step's large tensors (a chunk of
    logits and its softmax, the output embedding's gradient) arrive as new pages that the kernel
-   must zero-fill on first touch, page by page.
-"""
+   must zero-fill on first touch, page by page."""
 
 import ctypes
 import math
@@ -118,8 +117,7 @@ def keep_freed_memory() -> bool:
     With mmap off every block comes from the heap, and with the trim threshold at its maximum
     the heap is never shrunk, so a step's large tensors land on pages the previous step already
     touched. The cost is memory the process never returns to the system before it exits; its
-    peak is nearly the same (bench/RESULTS.md). Call it once, before the tensors it should cover.
-    """
+    peak is nearly the same (bench/RESULTS.md). Call it once, before the tensors it should cover."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on

@@ -4,8 +4,7 @@ One process without torchrun is world size 1 with no process group at all; every
 then does the trivial thing (the model stays a plain module), so the trainer has a single code path.
 
 Several nodes need nothing here: torchrun's own flags (--nnodes, --node_rank, --master_addr) set
-the environment that init_distributed reads.
-"""
+the environment that init_distributed reads."""
 
 import gc
 import os
@@ -54,8 +53,7 @@ def shard(model: torch.nn.Module, d: Dist, bf16: bool = False, frozen: bool = Fa
     bf16 while the shards, the optimizer state and the gradient reduction stay fp32. A trained
     model's root keeps its gathered weights from forward to backward (fully_shard's default); a
     frozen one has no backward and frees them after each forward. Gradients are summed over the
-    ranks, not averaged: the trainer already divides each loss by the step's count over all ranks.
-    """
+    ranks, not averaged: the trainer already divides each loss by the step's count over all ranks."""
     if d.world_size == 1:
         return model
     mesh = init_device_mesh(d.device.type, (d.world_size,))
@@ -83,8 +81,7 @@ def gathered(model: torch.nn.Module):
     block, and ranks that stop decoding at different steps (their rows reach EOS) would hang in
     those collectives. The cost is the whole model unsharded for the rollout. Enter it outside
     torch.inference_mode: weights gathered inside it would be inference tensors, which FSDP cannot
-    gather into again at the next training forward.
-    """
+    gather into again at the next training forward."""
     units = fsdp_units(model)
     for unit in units:  # unshard() is not recursive: one call per block and one for the root
         unit.unshard()

@@ -14,8 +14,7 @@ Gemma 2 soft-caps the logits, z -> c tanh(z / c): the log-softmax then reads the
 and dL/dz = dL/dcapped (1 - (capped / c)^2).
 
 Only h, the logsumexp per row and the targets are kept for backward; backward projects each chunk
-again (the head's forward product, about a fifth of a small model's FLOPs per token, done twice).
-"""
+again (the head's forward product, about a fifth of a small model's FLOPs per token, done twice)."""
 
 import torch
 
@@ -84,8 +83,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
     Rows go chunk_bytes of fp32 logits at a time (at least one row): beyond what it is given and
     returns, it holds one chunk's logits, and in backward also the weight's gradient. cap:
-    Gemma 2's final-logit soft-cap (None: none).
-    """
+    Gemma 2's final-logit soft-cap (None: none)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows = max(1, chunk_bytes // (weight.shape[0] * 4))
     return _TokenLogprobs.apply(flat_hidden, weight, targets, rows, cap)

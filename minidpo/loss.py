@@ -4,8 +4,7 @@ A step has B prompts with two completions each; per-completion tensors are [B, 2
 completion in column 0 and the rejected one in column 1 (the trainer's Rollout layout).
 
 Metrics come back as (sum, count) pairs, not means, so that ranks holding different numbers of
-valid pairs all-reduce into the right global mean (tracking.Metrics divides at the end).
-"""
+valid pairs all-reduce into the right global mean (tracking.Metrics divides at the end)."""
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
       hinge    (SLiC)                                max(0, 1 - beta h)
       simpo    as sigmoid, with h = mean log pi(c) - mean log pi(r) - gamma / beta: -log sigma(beta D - gamma)
     valid [B] (bool) drops pairs the judge left undecided; with no valid pair the sum is a zero
-    that still backpropagates (zero gradients), so every rank runs the same backward.
-    """
+    that still backpropagates (zero gradients), so every rank runs the same backward."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
     if loss_type == "simpo":  # reference-free and length-normalised; gamma is a margin on beta * h
@@ -62,8 +60,7 @@ def online_dpo_metrics(logps, ref_logps, contain_eos, beta: float, valid=None, s
     (bool); valid [B] (bool); scores [B, n]: reward scores (missing-EOS penalty included), if any.
     objective/* and val/* average over completions (scores and EOS over all n samples, the others
     over the two scored); rewards/* and logps/* over valid pairs. Without a reference the metrics
-    that need one (KL, non-score and RLHF reward, implicit rewards) are left out, not logged as 0.
-    """
+    that need one (KL, non-score and RLHF reward, implicit rewards) are left out, not logged as 0."""
     seq_logps = logps.detach().float()
     B, device = len(seq_logps), seq_logps.device
     valid = torch.ones(B, dtype=torch.bool, device=device) if valid is None else valid

@@ -12,8 +12,7 @@ Three choices run through the file:
   positions p - window + 1 .. p. Left padding, the KV cache's columns and packed rows whose
   positions restart (packing.py) all see the window a row alone would.
 - q/k/v are one matmul and so are the SwiGLU gate and up projections: fewer, larger kernels for
-  the sampler's small decode steps. checkpoint.py fuses and splits them at the file boundary.
-"""
+  the sampler's small decode steps. checkpoint.py fuses and splits them at the file boundary."""
 
 from dataclasses import dataclass, field
 from functools import partial
@@ -261,8 +260,7 @@ class KVCache:
     Columns ("slots") are shared by all rows: a left-padded batch fills column j of every row in
     the same step, so a decode step writes one column and a CUDA graph can replay it with only the
     slot index changing. `valid` marks the columns that hold real tokens; padding columns stay
-    False and are masked out of attention.
-    """
+    False and are masked out of attention."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device):
         shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -309,8 +307,7 @@ class Transformer(nn.Module):
         prefill), a LongTensor [K] projects those positions of every row.
         A packed batch (packing.py) gives `positions` [B, T] and `block_mask` [B, T, T] (bool): which
         keys each query sees, in place of attention_mask. With targets [B, K] (K: the positions kept) it returns
-        log p(targets) [B, K] in fp32 instead of logits, never holding them whole (logprobs.py).
-        """
+        log p(targets) [B, K] in fp32 instead of logits, never holding them whole (logprobs.py)."""
         B, T = input_ids.shape
         if block_mask is not None:
             mask, key_positions = block_mask[:, None], positions

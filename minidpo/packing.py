@@ -12,8 +12,7 @@ other, so that each completion sees exactly what it would see in a row of its ow
     rejected      all        -       causal
 
 The rejected completion's positions restart where the prompt ends, as in a row of its own. The
-prompt's last position predicts the first token of both completions.
-"""
+prompt's last position predicts the first token of both completions."""
 
 from dataclasses import dataclass
 

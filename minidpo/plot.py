@@ -1,8 +1,7 @@
 """Plot a training log: `python -m minidpo.plot OUTPUT_DIR_OR_METRICS_JSONL [--out PNG]`.
 
 One panel per headline metric over steps; metrics the run did not log (a judge logs no scores)
-are left out. Needs matplotlib, the optional extra `minidpo[plot]`.
-"""
+are left out. Needs matplotlib, the optional extra `minidpo[plot]`."""
 
 import argparse
 import json

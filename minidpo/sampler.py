@@ -9,8 +9,7 @@ step, so generation is most of a step's time. What keeps it fast:
   hundreds of small kernels. The optimizer updates the weights in place, so a graph captured at the
   first training step still reads the current weights at the last one.
 - Sampling draws one random number per row, and the decode loop only waits for the device to ask
-  whether every row has finished.
-"""
+  whether every row has finished."""
 
 from dataclasses import dataclass
 import bisect
@@ -34,8 +33,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=Non
     """One token id per row of logits [R, V]; temperature 0 is greedy.
 
     The filters apply in transformers' order, each to what the previous one left: temperature,
-    top-k (0: off), top-p (1: off), min-p (0: off). All of it in fp32, whatever the model's dtype.
-    """
+    top-k (0: off), top-p (1: off), min-p (0: off). All of it in fp32, whatever the model's dtype."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -89,8 +87,7 @@ class DecodeGraph:
     """The one-token decode step for a fixed number of rows, captured once as a CUDA graph.
 
     replay() runs the step on whatever is in the static `token` and `slot` buffers and leaves the
-    logits in `logits`; copy inputs in, read outputs out.
-    """
+    logits in `logits`; copy inputs in, read outputs out."""
 
     def __init__(self, step_fn, cache: KVCache, rows: int):
         device = cache.valid.device
@@ -125,8 +122,7 @@ class Sampler:
     FSDP2 that is once per rollout; on an H100 (Qwen2-0.5B shape, 16 rows x 64 tokens) a rollout
     took 0.37 s recapturing and 0.27 s with graphs kept, still far below eager decoding.
     `dtype`: what the gathered weights compute in (the trainer passes bf16 under --bf16), since the
-    sharded weights read fp32; the KV cache is allocated in it.
-    """
+    sharded weights read fp32; the KV cache is allocated in it."""
 
     def __init__(self, model: Transformer, cuda_graphs: bool = True, compile: bool = False, dtype=None):
         self.model = model
@@ -156,8 +152,7 @@ class Sampler:
         Stops at max_new_tokens, or as soon as every row has produced one of eos_token_ids (never
         before min_new_tokens: EOS is suppressed until then). A row also ends with the token that
         completes one of stop_strings in its text (`decode`: ids -> text), cut after the loop.
-        `generator` must be on the model's device.
-        """
+        `generator` must be on the model's device."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         device = self.model.embed.weight.device

@@ -1,6 +1,5 @@
 """Metrics: summed over micro-batches, steps and ranks (Metrics), then written to stdout,
-output_dir/metrics.jsonl, and TensorBoard or W&B when asked for (Tracker, rank 0 only).
-"""
+output_dir/metrics.jsonl, and TensorBoard or W&B when asked for (Tracker, rank 0 only)."""
 
 import json
 import time

@@ -19,8 +19,7 @@ result; it makes the loss the step's mean over its decided pairs with one divisi
 Written for torchrun from the start: each rank trains on its own shard of the prompts with its
 own sampling seed, gradients are summed over ranks (FSDP's divide factor is 1: the loss is already
 divided by the step's count over all ranks), and metrics travel as (sum, count) pairs.
-Checkpoints and the final model: outputs.py. Reward-model training shares this loop: reward_trainer.py.
-"""
+Checkpoints and the final model: outputs.py. Reward-model training shares this loop: reward_trainer.py."""
 
 import math
 import sys
