@@ -269,9 +269,11 @@ class Sampler:
         """Logits [rows, V] for one new token per row, written at cache column `column`."""
         rows = token.shape[0]
         if not self.use_graphs:
-            # Attend over the columns written so far, not the whole cache (a graph's shapes are fixed).
-            step, cache = token[:, None], self.cache.view(slice(0, rows), column + 1)
-            slot = torch.tensor([column], device=token.device)
+            # Attend over the columns written so far, not the whole cache; a compiled step keeps one
+            # shape (a new shape would compile again), as a graph's must.
+            columns = column + 1 if self.step_fn is self.model else None
+            step, cache = token[:, None], self.cache.view(slice(0, rows), columns)
+            slot = torch.full((1,), column, device=token.device)  # a fill on the device: no host-to-device copy
             return self.step_fn(step, torch.ones_like(step), cache=cache, slots=slot, logits_to_keep=1)[:, -1]
         graph = self.graphs[bucket(rows)]
         graph.token[:rows, 0] = token  # rows beyond `rows` decode stale tokens; their output is unused
