@@ -23,7 +23,7 @@ from minidpo import lora
 from minidpo.config import parse_args
 from minidpo.sampler import Sampler
 from minidpo.trainer import Trainer
-from tiny_world import MODEL, WORDS, save_model, save_tokenizer
+from tiny_world import WORDS, crash_before_step, save_tokenizer, tiny_llama, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import winrate  # noqa: E402
@@ -178,12 +178,8 @@ def test_merge_command_writes_the_merged_model(tmp_path, family):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    torch.manual_seed(0)
-    model = save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2)))
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": " ".join(WORDS[(i * 7 + j * 3) % 60] for j in range(4))}) + "\n"
-                               for i in range(16)))
-    return model, prompts
+    rows = [{"prompt": " ".join(WORDS[(i * 7 + j * 3) % 60] for j in range(4))} for i in range(16)]
+    return tiny_llama(root), write_jsonl(root / "prompts.jsonl", rows)
 
 
 def lora_argv(world, out, *extra):
@@ -222,14 +218,7 @@ def test_resume_with_lora_gives_the_straight_run_and_keeps_no_base_weights(world
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     argv = ["--max_steps", 4, "--save_steps", 2]
     assert train.main(lora_argv(world, straight, *argv)) == 0
-    train_step = Trainer.train_step
-
-    def crash_at_step_3(self, batches):
-        if self.step == 2:
-            raise RuntimeError("simulated crash")
-        return train_step(self, batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_3)
+    crash_before_step(monkeypatch, 3)
     assert train.main(lora_argv(world, resumed, *argv)) == 1
     monkeypatch.undo()
     checkpoint = resumed / "checkpoint-2"

@@ -5,21 +5,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
-import transformers as T
 
 import train
 from minidpo import plot
-from tiny_world import MODEL, WORDS, save_model
+from tiny_world import WORDS, tiny_llama, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("plot")
-    torch.manual_seed(0)
-    model = save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2)))
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(f'{{"prompt": "{" ".join(WORDS[i:i + 4])}"}}\n' for i in range(8)))
+    model = tiny_llama(root)
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": " ".join(WORDS[i:i + 4])} for i in range(8)])
     out = root / "out"
     assert train.main(["--model_name_or_path", str(model), "--dataset_name", str(prompts), "--output_dir", str(out),
                        "--max_new_tokens", "8", "--max_length", "64", "--logging_steps", "1", "--save_steps", "0",

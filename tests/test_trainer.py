@@ -24,7 +24,7 @@ from minidpo import outputs
 from minidpo import trainer as trainer_module
 from minidpo.config import parse_args
 from minidpo.trainer import Trainer
-from tiny_world import EOS, PAD, SPECIALS, VOCAB, WORDS, base, run, words, write_jsonl
+from tiny_world import EOS, PAD, SPECIALS, VOCAB, WORDS, base, crash_before_step, run, words, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -256,14 +256,7 @@ def straight(world, tmp_path_factory):
 
 def test_resume_continues_exactly(world, straight, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    train_step = Trainer.train_step
-
-    def crash_at_step_7(self, batches):
-        if self.step == 6:
-            raise RuntimeError("simulated crash")
-        return train_step(self, batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_7)
+    crash_before_step(monkeypatch, 7)
     assert run(resume_argv(world, out)) == 1
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]  # step 6 was logged after the checkpoint
     assert not (out / "model.safetensors").exists()

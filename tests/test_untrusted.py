@@ -18,13 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as T
 
 import train
 from minidpo import chat, checkpoint, outputs
 from minidpo.judges import JudgeError, OpenAIJudge
-from minidpo.tokenizer import Tokenizer
-from tiny_world import MODEL, WORDS, save_model
+from tiny_world import WORDS, tiny_llama, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -34,10 +32,8 @@ import winrate  # noqa: E402
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("untrusted")
-    torch.manual_seed(0)
-    model = save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2)))
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 3])}) + "\n" for i in range(8)))
+    model = tiny_llama(root)
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": " ".join(WORDS[i:i + 3])} for i in range(8)])
     return {"model": model, "prompts": prompts, "root": root}
 
 

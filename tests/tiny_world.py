@@ -10,6 +10,7 @@ import torch
 import transformers as T
 
 import train
+from minidpo.trainer import Trainer
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
@@ -46,6 +47,24 @@ def save_model(path: Path, model) -> Path:
     return path
 
 
+def tiny_llama(root: Path) -> Path:
+    """The tiny Llama (seed 0) saved in root/llama, the model most tests train."""
+    torch.manual_seed(0)
+    return save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2)))
+
+
+def crash_before_step(monkeypatch, step: int):
+    """Make Trainer.train_step raise before optimizer step `step` (from 1), as a killed run would stop."""
+    train_step = Trainer.train_step
+
+    def crashing(self, batches):
+        if self.step == step - 1:
+            raise RuntimeError("simulated crash")
+        return train_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+
+
 def words(i: int, n: int) -> str:
     return " ".join(WORDS[3 + (i * 7 + j * 3) % (len(WORDS) - 3)] for j in range(n))
 
@@ -57,9 +76,8 @@ def write_jsonl(path: Path, rows) -> str:
 
 def make_world(root: Path) -> dict:
     """Paths of the tiny models and datasets the trainer tests share (read-only)."""
-    torch.manual_seed(0)
     paths = {
-        "llama": save_model(root / "llama", T.LlamaForCausalLM(T.LlamaConfig(**MODEL, num_key_value_heads=2))),
+        "llama": tiny_llama(root),
         "neox": save_model(root / "neox", T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**MODEL, rotary_pct=0.25))),
         "neox_rm": save_model(root / "neox_rm", T.GPTNeoXForSequenceClassification(
             T.GPTNeoXConfig(**MODEL, rotary_pct=0.25, num_labels=1))),
