@@ -1,4 +1,4 @@
-"""Two things that make minidpo fast on CPU, each measured in bench/RESULTS.md.
+"""Three things that make minidpo fast on CPU, each measured in bench/RESULTS.md.
 
 1. fp32 linear layers through the faster of two GEMM libraries for each shape, found by timing.
    PyTorch hands fp32 matmuls to MKL's sgemm; oneDNN (PyTorch's bf16 path) generates kernels for
@@ -7,13 +7,20 @@
    most at batch 1), so each shape class times its first product on both (faster()) and keeps the
    faster for the process. Both are fp32 products that differ by rounding only.
    MINIDPO_CPU_MATMUL=onednn|mkl fixes the path (bit-for-bit repeats, benchmarks); auto is the
-   default. CUDA, bf16, autocast and float64 go to F.linear unchanged.
+   default. CUDA, bf16, autocast and float64 go to F.linear unchanged, outside reusing_weights().
 
-2. Freed memory kept for reuse (keep_freed_memory). glibc serves every allocation over 32 MiB
+2. Weights reordered once for many products (reusing_weights). oneDNN copies a weight into its
+   blocked layout at every product, which costs as much as the product itself at a few rows.
+   While the same weights serve many products (a generation's decode steps) the copy is made once
+   per weight and kept: fp32 products on the oneDNN path, and every bf16 product (plain bf16 or
+   under autocast: oneDNN is PyTorch's own bf16 path, so the results are the same bits).
+
+3. Freed memory kept for reuse (keep_freed_memory). glibc serves every allocation over 32 MiB
    with a fresh mmap and unmaps it on free, so each training step's large tensors (a chunk of
    logits and its softmax, the output embedding's gradient) arrive as new pages that the kernel
    must zero-fill on first touch, page by page."""
 
+import contextlib
 import ctypes
 import math
 import os
@@ -24,17 +31,50 @@ import torch
 import torch.nn.functional as F
 
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-PATHS = {"onednn": lambda x, weight, bias=None: _onednn_linear(x, weight, bias, "none", [], ""), "mkl": F.linear}
+_reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)  # weight -> its copy in oneDNN's blocked layout
+_reordered: dict | None = None  # inside reusing_weights(): (id(weight), dtype) -> (weight, its reordered copy)
+
+
+def _onednn(x, weight, bias=None):
+    """x @ weight^T + bias by oneDNN, computed in x's dtype; inside reusing_weights(), a model
+    parameter's reordered copy, made on its first product there (not a backward pass's transposed
+    view of it, a new tensor at each product)."""
+    if _reordered is not None and isinstance(weight, torch.nn.Parameter):
+        key = (id(weight), x.dtype)
+        if key not in _reordered:  # keeping the weight keeps its id from being reused
+            _reordered[key] = (weight, _reorder(weight.to(x.dtype)))
+        weight = _reordered[key][1]
+    return _onednn_linear(x, weight, bias, "none", [], "")
+
+
+PATHS = {"onednn": _onednn, "mkl": F.linear}
 SAMPLES = 3  # timed calls per path, after one warm-up call each
 _chosen: dict[tuple, str] = {}  # shape class -> the faster path
 _clock = time.perf_counter
 
 
+@contextlib.contextmanager
+def reusing_weights():
+    """Within, CPU products without gradients copy each weight into oneDNN's blocked layout once
+    and keep the copy: for products that reuse unchanged weights, such as a generation's decode
+    steps (fp32, 2-core AMD EPYC: 1.4x faster decoding at 8 rows, 1.15x at 32; bf16 about 2x on
+    its linears; bench/RESULTS.md). The copies cost the weights' size in memory while they last,
+    and the weights must not change inside."""
+    global _reordered
+    outer, _reordered = _reordered, {}
+    try:
+        yield
+    finally:
+        _reordered = outer
+
+
 def shape_class(x, weight) -> tuple:
-    """(rows, in, out) of x [..., in] @ weight [out, in]^T, each rounded up to a power of two, and
-    whether x and weight have unit stride along `in` (a transposed view is another product)."""
+    """(rows, in, out) of x [..., in] @ weight [out, in]^T, each rounded up to a power of two,
+    whether x and weight have unit stride along `in` (a transposed view is another product), and
+    whether the weights are reused (reusing_weights: oneDNN then skips its copy)."""
     rows = math.prod(x.shape[:-1])
-    return (*(1 << max(n - 1, 0).bit_length() for n in (rows, *weight.shape)), x.stride(-1) == 1, weight.stride(-1) == 1)
+    return (*(1 << max(n - 1, 0).bit_length() for n in (rows, *weight.shape)), x.stride(-1) == 1, weight.stride(-1) == 1,
+            _reordered is not None)
 
 
 def faster(x, weight, bias) -> str:
@@ -99,8 +139,17 @@ def chooses_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+def computes_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A bf16 product on CPU: bf16 tensors, or fp32 ones under CPU autocast to bf16."""
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return _onednn_linear is not None and x.device.type == "cpu" and (autocast or x.dtype == weight.dtype == torch.bfloat16)
+
+
 def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias), for fp32 on CPU through the faster of oneDNN and MKL (_mm)."""
+    """F.linear(x, weight, bias), for fp32 on CPU through the faster of oneDNN and MKL (_mm); bf16
+    on CPU inside reusing_weights() through oneDNN with the weight reordered once."""
+    if _reordered is not None and computes_bf16(x, weight) and not torch.is_grad_enabled():
+        return _onednn(x.to(torch.bfloat16), weight, None if bias is None else bias.to(torch.bfloat16))  # as autocast would
     if not chooses_path(x, weight):
         return F.linear(x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))

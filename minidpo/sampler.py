@@ -5,6 +5,7 @@ step, so generation is most of a step's time. What keeps it fast:
 - The KV cache is allocated once and reused by every call; it only grows. Without graphs a step
   attends over the columns written so far, not the whole cache.
 - A prompt is prefilled once; its n samples copy its keys and values instead of recomputing them.
+- On CPU each weight is copied into oneDNN's blocked layout once per call, not at every step (cpu.py).
 - On CUDA the one-token decode step is a captured CUDA graph: one launch per step instead of
   hundreds of small kernels. The optimizer updates the weights in place, so a graph captured at the
   first training step still reads the current weights at the last one.
@@ -17,6 +18,7 @@ import math
 
 import torch
 
+from .cpu import reusing_weights
 from .model import KVCache, Transformer
 
 
@@ -156,7 +158,7 @@ class Sampler:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         device = self.model.embed.weight.device
-        with self.compute_dtype():
+        with self.compute_dtype(), reusing_weights():  # on CPU, oneDNN's weight copies are made once (cpu.py)
             ids, is_eos = self._generate(input_ids.to(device), attention_mask.to(device), n, max_new_tokens,
                                          temperature, top_k, top_p, min_p, eos_token_ids, pad_token_id,
                                          min_new_tokens, generator, repetition_penalty)

@@ -139,6 +139,60 @@ def test_a_fixed_path_skips_the_trials_and_a_bad_setting_names_the_variable(fres
         cpu.linear(torch.randn(4, 8), torch.randn(3, 8))
 
 
+@pytest.fixture
+def counted_reorders(monkeypatch):
+    """The weights reordered into oneDNN's layout, in order."""
+    reordered = []
+    monkeypatch.setattr(cpu, "_reorder", lambda w, f=cpu._reorder: reordered.append(w) or f(w))
+    return reordered
+
+
+def test_reusing_weights_reorders_each_parameter_once_and_forgets_it_after(counted_reorders, monkeypatch):
+    monkeypatch.setenv("MINIDPO_CPU_MATMUL", "onednn")
+    torch.manual_seed(0)
+    weight, head, b = torch.nn.Parameter(torch.randn(24, 16)), torch.nn.Parameter(torch.randn(50, 16)), torch.randn(24)
+    with torch.no_grad(), cpu.reusing_weights():
+        for rows in (1, 7, 7, 32):  # a prefill and decode steps
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(cpu.linear(x, weight, b), F.linear(x.double(), weight.double(), b.double()).float())
+            torch.testing.assert_close(cpu.linear(x, head), F.linear(x.double(), head.double()).float())
+            cpu.linear(x, weight.detach())  # not a parameter: a new tensor each time, never kept
+    assert [w is weight or w is head for w in counted_reorders] == [True, True]
+    assert cpu._reordered is None
+    cpu.linear(torch.randn(3, 16), weight)  # outside: no copy kept
+    assert len(counted_reorders) == 2
+
+
+def test_reused_weights_in_training_are_not_kept_for_the_backward_views(counted_reorders, monkeypatch):
+    monkeypatch.setenv("MINIDPO_CPU_MATMUL", "onednn")
+    weight = torch.nn.Parameter(torch.randn(24, 16))
+    x = torch.randn(5, 16, requires_grad=True)
+    with cpu.reusing_weights():
+        for _ in range(3):
+            grad_x, grad_w = torch.autograd.grad(cpu.linear(x, weight).sum(), [x, weight])
+    torch.testing.assert_close(grad_x, torch.ones(5, 24) @ weight.detach())
+    torch.testing.assert_close(grad_w, torch.ones(5, 24).T @ x.detach())
+    assert len(counted_reorders) == 1  # the forward's; dL/dx and dL/dW multiply transposed views
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_reused_bf16_weights_give_the_same_bits_as_f_linear(autocast, counted_reorders):
+    # bf16 on CPU is oneDNN's product either way; reordering the weight once changes where it is
+    # read from, not the arithmetic.
+    torch.manual_seed(0)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    weight, bias = torch.nn.Parameter(torch.randn(96, 64, dtype=dtype)), torch.randn(96, dtype=dtype)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        for rows in (1, 8, 33):
+            x = torch.randn(rows, 1, 64, dtype=dtype)
+            want = F.linear(x, weight, bias)
+            with cpu.reusing_weights():
+                got = [cpu.linear(x, weight, bias) for _ in range(2)]
+            assert got[0].dtype == got[1].dtype == want.dtype == torch.bfloat16
+            assert torch.equal(got[0], want) and torch.equal(got[1], want)
+    assert len(counted_reorders) == 3  # once per reusing_weights() block
+
+
 FAULTS_OF_LATER_STEPS = """
 import resource, sys, torch
 from minidpo.cpu import keep_freed_memory

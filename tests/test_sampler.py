@@ -10,6 +10,7 @@ import torch
 import transformers as T
 
 import minidpo
+from minidpo import cpu
 from minidpo.sampler import Sampler, generate, penalize_repetition, sample
 from sampler_world import FAMILIES, PAD, VOCAB, prompts, reference
 
@@ -231,6 +232,23 @@ def test_bf16_sampler_sees_in_place_weight_updates_between_calls(llama):
     after = greedy(sampler, ids, mask, max_new_tokens=8).ids
     assert not torch.equal(after, before)
     assert torch.equal(after, greedy(Sampler(model, dtype=torch.bfloat16), ids, mask, max_new_tokens=8).ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_reorders_each_weight_once_per_call(llama, dtype, monkeypatch):
+    # cpu.reusing_weights: a weight's copy in oneDNN's layout serves every decode step of one call,
+    # and the next call (after an optimizer step) makes new copies.
+    _, model = llama
+    monkeypatch.setenv("MINIDPO_CPU_MATMUL", "onednn")
+    reordered = []
+    monkeypatch.setattr(cpu, "_reorder", lambda w, f=cpu._reorder: reordered.append(w) or f(w))
+    ids, mask = prompts([7, 3, 10, 1])
+    sampler = Sampler(model, dtype=dtype)
+    for _ in range(2):
+        greedy(sampler, ids, mask, max_new_tokens=8)
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]  # 4 a layer, and the head
+    assert len(reordered) == 2 * len(weights) == 2 * (4 * model.cfg.num_layers + 1)
+    assert cpu._reordered is None
 
 
 # ---- CUDA graphs (run with: python -m pytest tests/test_sampler.py -m gpu) ----
