@@ -10,10 +10,7 @@
    default. CUDA, bf16, autocast and float64 go to F.linear unchanged, outside reusing_weights().
 
 2. Weights reordered once for many products (reusing_weights). oneDNN copies a weight into its
-   blocked layout at every product, which costs as much as the product itself at a few rows.
-   While the same weights serve many products (a generation's decode steps) the copy is made once
-   per weight and kept: fp32 products on the oneDNN path, and every bf16 product (plain bf16 or
-   under autocast: oneDNN is PyTorch's own bf16 path, so the results are the same bits).
+   blocked layout at every product, which at a few rows costs as much as the product itself.
 
 3. Freed memory kept for reuse (keep_freed_memory). glibc serves every allocation over 32 MiB
    with a fresh mmap and unmaps it on free, so each training step's large tensors (a chunk of
@@ -31,14 +28,13 @@ import torch
 import torch.nn.functional as F
 
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)  # weight -> its copy in oneDNN's blocked layout
+_reorder = torch.ops.mkldnn._reorder_linear_weight if _onednn_linear is not None else None  # -> oneDNN's layout
 _reordered: dict | None = None  # inside reusing_weights(): (id(weight), dtype) -> (weight, its reordered copy)
 
 
 def _onednn(x, weight, bias=None):
-    """x @ weight^T + bias by oneDNN, computed in x's dtype; inside reusing_weights(), a model
-    parameter's reordered copy, made on its first product there (not a backward pass's transposed
-    view of it, a new tensor at each product)."""
+    """x @ weight^T + bias in x's dtype; in reusing_weights(), with a parameter's reordered copy
+    (not a backward pass's transposed view of it: a new tensor at each product)."""
     if _reordered is not None and isinstance(weight, torch.nn.Parameter):
         key = (id(weight), x.dtype)
         if key not in _reordered:  # keeping the weight keeps its id from being reused
@@ -55,13 +51,13 @@ _clock = time.perf_counter
 
 @contextlib.contextmanager
 def reusing_weights():
-    """Within, CPU products without gradients copy each weight into oneDNN's blocked layout once
-    and keep the copy: for products that reuse unchanged weights, such as a generation's decode
-    steps (fp32, 2-core AMD EPYC: 1.4x faster decoding at 8 rows, 1.15x at 32; bf16 about 2x on
-    its linears; bench/RESULTS.md). The copies cost the weights' size in memory while they last,
-    and the weights must not change inside."""
+    """Within, each weight's copy in oneDNN's blocked layout is made once and kept, for products
+    without gradients that reuse unchanged weights: a generation's decode steps (2-core AMD EPYC:
+    1.4x faster fp32 decoding at 8 rows, 1.15x at 32). fp32 products on the oneDNN path, and every
+    bf16 one (plain or under autocast: PyTorch's own bf16 path is oneDNN, so the bits are the same).
+    The copies cost the weights' size in memory while they last."""
     global _reordered
-    outer, _reordered = _reordered, {}
+    outer, _reordered = _reordered, {} if _reorder is not None else None  # None: a build without oneDNN
     try:
         yield
     finally:
@@ -139,16 +135,12 @@ def chooses_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def computes_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A bf16 product on CPU: bf16 tensors, or fp32 ones under CPU autocast to bf16."""
-    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return _onednn_linear is not None and x.device.type == "cpu" and (autocast or x.dtype == weight.dtype == torch.bfloat16)
-
-
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias), for fp32 on CPU through the faster of oneDNN and MKL (_mm); bf16
     on CPU inside reusing_weights() through oneDNN with the weight reordered once."""
-    if _reordered is not None and computes_bf16(x, weight) and not torch.is_grad_enabled():
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if (_reordered is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and (autocast_bf16 or x.dtype == weight.dtype == torch.bfloat16)):
         return _onednn(x.to(torch.bfloat16), weight, None if bias is None else bias.to(torch.bfloat16))  # as autocast would
     if not chooses_path(x, weight):
         return F.linear(x, weight, bias)

@@ -16,6 +16,7 @@ import concurrent.futures
 import http.client
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import urllib.parse
 import torch
 
 from .checkpoint import load_pretrained
-from .model import last_token_scores
+from .packing import pack_shared_prefixes
 
 DEFAULT_INSTRUCTION = "Which response answers the question better: more helpful, correct and concise?"
 
@@ -123,17 +124,17 @@ class Pretrained:
 
 class RewardModel(Pretrained):
     """A sequence-classification model (num_labels=1) scoring each prompt + completion as its own tokenizer
-    renders them (Tokenizer.render), as its training data looked, read at each row's last real token (so either
-    `padding_side` works). The whole text is scored, as in TRL; only rows longer than max_length (default
-    max_position_embeddings) are cut from the left, with a warning, so the completion's end is always scored."""
+    renders them (Tokenizer.render), as its training data looked, read at each text's last token. The whole
+    text is scored, as in TRL; only rows longer than max_length (default max_position_embeddings) are cut from
+    the left, with a warning, so the completion's end is always scored. Consecutive rows of one prompt (a
+    prompt's n completions) are scored in one packed row, their common tokens once (packing.py)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
-                 padding_side: str = "right"):
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
         if model.cfg.num_labels != 1:
             raise ValueError(f"a reward model needs num_labels=1; this one has {model.cfg.num_labels}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length = max_length or (model.cfg.hf_config or {}).get("max_position_embeddings")
-        self.batch_size, self.padding_side, self.warned = batch_size, padding_side, False
+        self.batch_size, self.warned = batch_size, False
 
     @torch.inference_mode()
     def __call__(self, prompts: list, completions: list, **unused) -> torch.Tensor:  # [N] on the CPU
@@ -141,16 +142,19 @@ class RewardModel(Pretrained):
         scores = []
         for start in range(0, len(prompts), self.batch_size):
             texts = prompts[start:start + self.batch_size], completions[start:start + self.batch_size]
-            ids, mask = self.tokenizer.encode_rows(*texts, padding_side=self.padding_side)
+            ids, mask = self.tokenizer.encode_rows(*texts)
             if self.max_length and ids.shape[1] > self.max_length:
                 if not self.warned:
                     print(f"warning: the reward model reads at most {self.max_length} tokens; longer prompts + "
                           "completions lose their start", file=sys.stderr)
                 self.warned = True
-                ids, mask = self.tokenizer.encode_rows(*texts, padding_side=self.padding_side,
-                                                       max_length=self.max_length)
-            ids, mask = ids.to(device), mask.to(device)
-            scores.append(last_token_scores(self.model(ids, mask), mask)[:, 0].float())
+                ids, mask = self.tokenizer.encode_rows(*texts, max_length=self.max_length)
+            runs = {len(list(run)) for _, run in itertools.groupby(texts[0])}  # a prompt's rows, one after another
+            rows = [r[m.bool()] for r, m in zip(ids, mask)]
+            packed, last = pack_shared_prefixes(rows, runs.pop() if len(runs) == 1 else 1)
+            out = self.model(packed.input_ids.to(device), positions=packed.positions.to(device),
+                             block_mask=packed.block_mask.to(device))  # [groups, columns, 1]
+            scores.append(out[torch.arange(len(last), device=device)[:, None], last.to(device), 0].flatten().float())
         return torch.cat(scores).cpu()
 
 

@@ -40,7 +40,7 @@ from .judges import Preference, RewardModel
 from .lora import LoraSpec, adapters_disabled, adapters_merged, add_adapters, model_dtype
 from .loss import dpo_loss, online_dpo_metrics
 from .outputs import Checkpoints, model_card, push_to_hub, save_final
-from .packing import pack_pairs
+from .packing import pack
 from .sampler import Sampler
 from .tokenizer import Tokenizer
 from .tracking import Metrics, Tracker
@@ -262,7 +262,7 @@ class Trainer:
         ids, mask = rollout.completion_ids, rollout.completion_mask
         B, _, C = ids.shape
         # Each prompt once with both completions in one row, [prompt | chosen | rejected] (packing.py).
-        packed = pack_pairs(rollout.prompt_ids, rollout.prompt_mask, ids[:, 0], ids[:, 1])
+        packed = pack(rollout.prompt_ids, rollout.prompt_mask, ids)
         inputs = dict(input_ids=packed.input_ids, positions=packed.positions, block_mask=packed.block_mask,
                       logits_to_keep=packed.predicting, targets=packed.targets)  # log-probs, never the full logits
         with self.autocast:

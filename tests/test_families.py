@@ -21,7 +21,7 @@ import transformers as T
 import minidpo
 from minidpo import last_token_scores
 from minidpo.checkpoint import hf_state_dict
-from minidpo.packing import pack_pairs
+from minidpo.packing import pack
 from minidpo.sampler import Sampler, generate
 from model_helpers import COMMON, build, random_ids
 from minidpo.tokenizer import Tokenizer
@@ -195,7 +195,7 @@ def test_packed_scoring_with_windows_equals_each_completion_alone(tmp_path, name
     _, model = make(tmp_path, name)
     prompts, prompt_mask = left_padded([6, 3], seed=13)
     chosen, rejected = random_ids(2, 7, seed=14), random_ids(2, 7, seed=15)
-    pairs = pack_pairs(prompts, prompt_mask, chosen, rejected)
+    pairs = pack(prompts, prompt_mask, torch.stack([chosen, rejected], 1))
     with torch.no_grad():
         packed = model(pairs.input_ids, positions=pairs.positions, block_mask=pairs.block_mask,
                        logits_to_keep=pairs.predicting, targets=pairs.targets)

@@ -86,18 +86,38 @@ def reference_scores(path, ref, prompts, completions, max_length=None):
     return torch.tensor(scores)
 
 
-@pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_reward_scores_match_transformers(tmp_path, reward_tokenizer, family, padding):
+def test_reward_scores_match_transformers(tmp_path, reward_tokenizer, family):
     ref = reward_model_dir(tmp_path, family, reward_tokenizer)
     # batch_size 2 for 3 rows: two mini-batches, the second of another width.
-    scorer = RewardModel.from_pretrained(str(tmp_path), batch_size=2, padding_side=padding)
+    scorer = RewardModel.from_pretrained(str(tmp_path), batch_size=2)
     for prompts in (CONVERSATIONS, TEXTS):
         ours = scorer(prompts, COMPLETIONS)
         theirs = reference_scores(tmp_path, ref, prompts, COMPLETIONS)
         assert ours.shape == (3,) and ours.dtype == torch.float32
         assert (ours - theirs).abs().max().item() <= 1e-4, (ours, theirs)
         assert theirs.std().item() > 1e-2  # rows differ: reading the wrong token or text would show
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_prompts_completions_share_one_packed_row(tmp_path, reward_tokenizer, family, monkeypatch):
+    # A prompt's n completions, one after another as the trainer passes them, are scored in one row
+    # (their common tokens once); the scores are still those of each text alone. Uneven runs of a
+    # prompt's rows are scored a row each; a repeated text gets exactly its first copy's score.
+    ref = reward_model_dir(tmp_path, family, reward_tokenizer)
+    scorer = RewardModel.from_pretrained(str(tmp_path))
+    rows_seen = []
+    forward = scorer.model.forward
+    monkeypatch.setattr(scorer.model, "forward", lambda ids, **kw: rows_seen.append(ids.shape[0]) or forward(ids, **kw))
+    for prompts, completions, packed_rows in [
+            ([p for p in CONVERSATIONS for _ in range(2)], [c for _ in range(2) for c in COMPLETIONS], 3),
+            ([TEXTS[0]] * 3 + [TEXTS[1]] * 2, COMPLETIONS + COMPLETIONS[:2], 5),
+            ([TEXTS[2]] * 3, [COMPLETIONS[0], COMPLETIONS[1], COMPLETIONS[0]], 1)]:
+        rows_seen.clear()
+        ours = scorer(prompts, completions)
+        assert (ours - reference_scores(tmp_path, ref, prompts, completions)).abs().max().item() <= 1e-4
+        assert rows_seen == [packed_rows]
+    assert ours[0] == ours[2] != ours[1]
 
 
 def test_reward_truncates_from_the_left(tmp_path, reward_tokenizer):

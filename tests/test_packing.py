@@ -5,14 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidpo.packing import pack_pairs
+from minidpo.packing import pack, pack_shared_prefixes
 from model_helpers import CAUSAL, TOL, build, hf_positions, random_ids
 
 
 def test_layout_by_hand():
     # One prompt of 2 real tokens after 1 pad, completions of 2 tokens: columns p p p c c r r.
-    pairs = pack_pairs(torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]), torch.tensor([[7, 8]]),
-                       torch.tensor([[9, 2]]))
+    pairs = pack(torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]), torch.tensor([[[7, 8], [9, 2]]]))
     assert pairs.input_ids.tolist() == [[0, 5, 6, 7, 8, 9, 2]]
     assert pairs.positions.tolist() == [[0, 0, 1, 2, 3, 2, 3]]
     assert pairs.predicting.tolist() == [2, 3, 2, 5]  # the prompt's last column predicts both first tokens
@@ -25,6 +24,20 @@ def test_layout_by_hand():
             [0, 1, 1, 0, 0, 1, 0],  # the rejected completion skips the chosen one
             [0, 1, 1, 0, 0, 1, 1]]
     assert pairs.block_mask.int().tolist() == [sees]
+
+
+def test_shared_prefixes_by_hand():
+    rows = [torch.tensor(r) for r in ([1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [6, 7], [6, 7, 8], [9])]
+    packed, last = pack_shared_prefixes(rows, 3)
+    # Group 1 shares [1, 2]; its third row repeats the first. Group 2 shares nothing: its shortest
+    # row's one token must stay in its rest. Rests are 3 columns wide ([6, 7, 8]).
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 0, 5, 0, 0, 0, 0, 0],
+                                         [0, 0, 6, 7, 0, 6, 7, 8, 9, 0, 0]]
+    assert packed.positions.tolist() == [[0, 1, 2, 3, 4, 2, 3, 4, 2, 3, 4],
+                                         [0, 0, 0, 1, 2, 0, 1, 2, 0, 1, 2]]
+    assert last.tolist() == [[3, 5, 3], [3, 7, 8]]
+    alone, last_alone = pack_shared_prefixes(rows[:2], 1)  # k = 1: every row on its own
+    assert alone.input_ids.tolist() == [[1, 2, 3, 4], [0, 1, 2, 5]] and last_alone.tolist() == [[3], [3]]
 
 
 def rows_and_pairs():
@@ -55,7 +68,7 @@ def test_packed_logprobs_match_transformers_rows(tmp_path, name):
     config, cls = CAUSAL[name]()
     ref, model = build(tmp_path, config, cls)
     prompts, prompt_mask, (chosen, chosen_mask), (rejected, rejected_mask) = rows_and_pairs()
-    pairs = pack_pairs(prompts, prompt_mask, chosen, rejected)
+    pairs = pack(prompts, prompt_mask, torch.stack([chosen, rejected], 1))
     with torch.no_grad():
         packed = model(pairs.input_ids, positions=pairs.positions, block_mask=pairs.block_mask,
                        logits_to_keep=pairs.predicting, targets=pairs.targets)
@@ -78,7 +91,7 @@ def test_packed_gradients_match_one_row_per_completion(tmp_path, name):
     upstream = torch.randn(3, 2 * chosen.shape[1], generator=torch.Generator().manual_seed(6))
     upstream *= torch.cat([chosen_mask, rejected_mask], 1)  # padding after EOS carries no loss
 
-    pairs = pack_pairs(prompts, prompt_mask, chosen, rejected)
+    pairs = pack(prompts, prompt_mask, torch.stack([chosen, rejected], 1))
     packed = model(pairs.input_ids, positions=pairs.positions, block_mask=pairs.block_mask,
                    logits_to_keep=pairs.predicting, targets=pairs.targets)
     packed_grads = torch.autograd.grad((packed * upstream).sum(), list(model.parameters()))
