@@ -35,12 +35,12 @@ _reordered: dict | None = None  # inside reusing_weights(): (id(weight), dtype) 
 def _onednn(x, weight, bias=None):
     """x @ weight^T + bias in x's dtype; in reusing_weights(), with a parameter's reordered copy
     (not a backward pass's transposed view of it: a new tensor at each product)."""
-    if _reordered is not None and isinstance(weight, torch.nn.Parameter):
-        key = (id(weight), x.dtype)
-        if key not in _reordered:  # keeping the weight keeps its id from being reused
-            _reordered[key] = (weight, _reorder(weight.to(x.dtype)))
-        weight = _reordered[key][1]
-    return _onednn_linear(x, weight, bias, "none", [], "")
+    if _reordered is None or not isinstance(weight, torch.nn.Parameter):
+        return _onednn_linear(x, weight.to(x.dtype), bias, "none", [], "")
+    key = (id(weight), x.dtype)
+    if key not in _reordered:  # keeping the weight keeps its id from being reused
+        _reordered[key] = (weight, _reorder(weight.to(x.dtype)))
+    return _onednn_linear(x, _reordered[key][1], bias, "none", [], "")
 
 
 PATHS = {"onednn": _onednn, "mkl": F.linear}

@@ -191,6 +191,10 @@ def test_reused_bf16_weights_give_the_same_bits_as_f_linear(autocast, counted_re
             assert got[0].dtype == got[1].dtype == want.dtype == torch.bfloat16
             assert torch.equal(got[0], want) and torch.equal(got[1], want)
     assert len(counted_reorders) == 3  # once per reusing_weights() block
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast), cpu.reusing_weights():
+        plain = weight.detach()  # not a parameter: cast and computed, not kept
+        assert torch.equal(cpu.linear(x, plain, bias), want)
+    assert len(counted_reorders) == 3
 
 
 FAULTS_OF_LATER_STEPS = """
