@@ -1,21 +1,17 @@
 """Three things that make minidpo fast on CPU, each measured in bench/RESULTS.md.
 
-1. fp32 linear layers through the faster of two GEMM libraries for each shape, found by timing.
-   PyTorch hands fp32 matmuls to MKL's sgemm; oneDNN (PyTorch's bf16 path) generates kernels for
-   the CPU it runs on. Which is faster depends on the CPU and the shape (oneDNN by up to 2x on the
-   AMD EPYC of the results, at decode rows and on the vocabulary projection; MKL on Intel Xeons,
-   most at batch 1), so each shape class times its first product on both (faster()) and keeps the
-   faster for the process. Both are fp32 products that differ by rounding only.
-   MINIDPO_CPU_MATMUL=onednn|mkl fixes the path (bit-for-bit repeats, benchmarks); auto is the
-   default. CUDA, bf16, autocast and float64 go to F.linear unchanged, outside reusing_weights().
-
+1. fp32 linear layers through the faster of two GEMM libraries for each shape, found by timing:
+   MKL's sgemm (PyTorch's fp32 path) or oneDNN (its bf16 path), whose kernels are generated for
+   the CPU. Which wins depends on the CPU and the shape (oneDNN by up to 2x on the AMD EPYC of the
+   results, MKL on Intel Xeons at batch 1), so each shape class times its first product on both
+   (faster()) and keeps the faster; the two differ by rounding only. MINIDPO_CPU_MATMUL=onednn|mkl
+   fixes the path (bit-for-bit repeats); auto is the default. Other products go to F.linear
+   (outside reusing_weights).
 2. Weights reordered once for many products (reusing_weights). oneDNN copies a weight into its
    blocked layout at every product, which at a few rows costs as much as the product itself.
-
 3. Freed memory kept for reuse (keep_freed_memory). glibc serves every allocation over 32 MiB
-   with a fresh mmap and unmaps it on free, so each training step's large tensors (a chunk of
-   logits and its softmax, the output embedding's gradient) arrive as new pages that the kernel
-   must zero-fill on first touch, page by page."""
+   with a fresh mmap and unmaps it on free, so each training step's large tensors (logits, the
+   embedding's gradient) arrive as new pages that the kernel zero-fills on first touch."""
 
 import contextlib
 import ctypes
