@@ -55,6 +55,10 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def write_json(path: Path, value):
+    Path(path).write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def check_keys(values: dict, rules: dict, where) -> dict:
     """values, once every key of `rules` that it holds (null counts as absent) passes its rule, a
     (description, test) pair; otherwise a one-line error naming `where` and the key."""

@@ -22,7 +22,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 class Dist:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -35,14 +34,12 @@ def init_distributed(use_cpu: bool = False) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and not use_cpu
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Dist(rank, world_size, local_rank, device)
+    return Dist(rank, world_size, device)
 
 
 def shard(model: torch.nn.Module, d: Dist, bf16: bool = False, frozen: bool = False) -> torch.nn.Module:

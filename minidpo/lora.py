@@ -13,7 +13,6 @@ faster on CPU than per-step low-rank products (bench/RESULTS.md). The adapted ro
 exactly, at the same address, so CUDA graphs captured inside the merge stay valid."""
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -26,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import (DTYPES, FAMILIES, is_neox_qkv, load_pretrained, neox_qkv_to_hf, neox_qkv_to_ours,
+from .checkpoint import (DTYPES, FAMILIES, is_neox_qkv, load_pretrained, neox_qkv,
                          save_pretrained, split_sizes, tensor_plan)
-from .common import error_line, print_error, read_json
+from .common import error_line, print_error, read_json, write_json
 from .cpu import linear
 from .model import Linear, Transformer
 
@@ -168,7 +167,7 @@ def adapter_names(model: Transformer):
 def peft_tensors(state: dict, model: Transformer) -> dict[str, torch.Tensor]:
     """The adapter tensors of a minidpo state dict (e.g. full_state_dict's) under PEFT's names."""
     heads = model.cfg.num_heads
-    return {peft: (neox_qkv_to_hf(state[ours], heads) if neox else state[ours]).contiguous()
+    return {peft: (neox_qkv(state[ours], heads, to_hf=True) if neox else state[ours]).contiguous()
             for ours, peft, neox in adapter_names(model)}
 
 
@@ -180,7 +179,7 @@ def write_adapter(state: dict, model: Transformer, out_dir: Path):
               "target_modules": spec.target_modules, "bias": "none", "fan_in_fan_out": False,
               "inference_mode": True, "init_lora_weights": True, "use_dora": False}
     save_file(peft_tensors(state, model), out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_json(out_dir / ADAPTER_CONFIG, config)
 
 
 def load_adapter(model: Transformer, adapter_dir) -> Transformer:
@@ -207,7 +206,7 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
         if t.shape != ours[name].shape:  # checked first: the reordering of GPT-NeoX's rows needs the right shape
             raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {peft} has shape {tuple(t.shape)}, "
                              f"which does not fit the base model's {tuple(ours[name].shape)}")
-        state[name] = neox_qkv_to_ours(t, model.cfg.num_heads) if neox else t
+        state[name] = neox_qkv(t, model.cfg.num_heads) if neox else t
     model.load_state_dict(state, strict=False)  # copied into the fp32 adapters, whatever the file's dtype
     return model
 

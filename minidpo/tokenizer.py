@@ -5,8 +5,6 @@ BOS/EOS: transformers 5 ignores `add_bos_token` / `add_eos_token` in tokenizer_c
 is present and keeps its stored post-processor as it is (Llama included), so `encode` is the plain `tokenizers`
 encode and those two keys are deliberately not read."""
 
-from __future__ import annotations
-
 import functools
 import json
 import re
@@ -21,7 +19,7 @@ from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
-from .common import COUNT, NUMBER, TOKEN_IDS, check_keys, error_line, read_json
+from .common import COUNT, NUMBER, TOKEN_IDS, check_keys, error_line, read_json, write_json
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 # What the keys read from tokenizer_config.json, special_tokens_map.json, generation_config.json must be.
@@ -340,7 +338,6 @@ class Tokenizer:
         # Without a class name AutoTokenizer may guess one from a config.json next to it (e.g. Qwen2Tokenizer),
         # and those classes rebuild the pre-tokenizer instead of loading tokenizer.json as it is.
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                    encoding="utf-8")
+        write_json(path / "tokenizer_config.json", config)
         if self.chat_template is not None:
             (path / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")

@@ -41,16 +41,13 @@ class Metrics:
 
 class Tracker:
     def __init__(self, cfg, output_dir: Path, enabled: bool, resume_step: int = 0):
-        self.enabled = enabled
-        self.last_logged_step = resume_step
-        self.last_metrics = {}
+        self.enabled, self.last_logged_step, self.last_metrics = enabled, resume_step, {}
         self.started = time.perf_counter()
         self.tensorboard = self.wandb = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = output_dir / "metrics.jsonl"
-        self.completions = output_dir / "completions.jsonl"
+        self.jsonl, self.completions = output_dir / "metrics.jsonl", output_dir / "completions.jsonl"
         # A fresh run starts fresh logs. A resumed one keeps what was logged up to its checkpoint and
         # drops the rest, which the run is about to log again.
         for log in (self.jsonl, self.completions):
