@@ -406,6 +406,7 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out_dir
 
 
 def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30):

@@ -1,11 +1,10 @@
 """LoRA (Hu et al. 2021) on minidpo's own layers, saved and loaded in PEFT's file layout.
 
-An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output
-columns of each adapted slice s (q_proj and v_proj of the fused q/k/v layer, say),
-scale * (x A_s^T) B_s^T with A_s [r, in], B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)).
-B starts at zero, so training starts exactly at the base model, which is also the reference:
-the same layers with the adapters off. Adapters sit beside the weights (layers.0.attn.qkv.lora_A.q_proj);
-PEFT names them after the HF module (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight),
+An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output columns of each
+adapted slice s (q_proj and v_proj of the fused q/k/v layer, say), scale * (x A_s^T) B_s^T with A_s [r, in],
+B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)). B starts at zero, so training starts exactly at the base
+model, which is also the reference: the same layers with the adapters off. Adapters sit beside the weights
+(layers.0.attn.qkv.lora_A.q_proj); PEFT names them after the HF module (base_model.model.{module}.lora_A.weight),
 and checkpoint.tensor_plan relates the two (GPT-NeoX's interleaved query_key_value: B's rows reordered).
 
 Rollouts decode with the adapters merged into W (adapters_merged): 1.2x (q, v) to 1.5x (all linear layers)

@@ -249,11 +249,10 @@ class Tokenizer:
     def render(self, prompt, completion=None) -> str:
         """The text a model reads for a prompt, or a prompt and its completion (a reward model's input).
 
-        A plain prompt is its text, the completion appended. A conversation (a list of {"role", "content"}
-        messages) goes through the chat template: a completion becomes the assistant's turn (a list of messages
-        is appended as it is); without one the text ends with the generation prompt. A conversation ending
-        with an assistant turn is continued instead (continue_final_message, as TRL does), a completion
-        appended to that turn's text."""
+        A plain prompt is its text, the completion appended. A conversation (a list of {"role", "content"} messages)
+        goes through the chat template: a completion becomes the assistant's turn (a list of messages is appended as
+        it is); without one the text ends with the generation prompt. A conversation ending with an assistant turn is
+        continued instead (continue_final_message, as TRL does), a completion appended to that turn's text."""
         if isinstance(prompt, str):
             return prompt + (completion or "")
         continued = prompt[-1]["role"] == "assistant"
