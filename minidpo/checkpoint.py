@@ -140,9 +140,8 @@ def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
     plan = {}
 
     def add(ours, theirs, bias):
-        plan[f"{ours}.weight"] = [f"{t}.weight" for t in theirs]
-        if bias:
-            plan[f"{ours}.bias"] = [f"{t}.bias" for t in theirs]
+        for kind in ("weight", "bias") if bias else ("weight",):
+            plan[f"{ours}.{kind}"] = [f"{t}.{kind}" for t in theirs]
 
     add("embed", [names["embed"]], False)
     add("norm", [names["norm"]], cfg.layer_norm)

@@ -106,8 +106,7 @@ def add_adapters(model: Transformer, spec: LoraSpec) -> Transformer:
         slices = {t.removesuffix(".weight"): (start, n) for t, start, n in zip(theirs, starts, sizes)
                   if chosen(t.removesuffix(".weight"))}
         if slices:
-            parent, _, child = module_name.rpartition(".")
-            model.get_submodule(parent).register_module(child, LoraLinear(module, slices, spec))
+            model.set_submodule(module_name, LoraLinear(module, slices, spec))
             found |= {hf_name.rpartition(".")[2] for hf_name in slices}
     if not found:
         raise ValueError(f"LoRA target modules {targets} match no linear layer of this {hf['architectures'][0]} model")
@@ -218,8 +217,7 @@ def merge_adapters(model: Transformer) -> Transformer:
             layer.weight[start:start + rows] += low_rank_update(layer, s)
         plain = Linear(layer.weight.shape[1], layer.weight.shape[0], bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
-        parent, _, child = name.rpartition(".")
-        model.get_submodule(parent).register_module(child, plain)
+        model.set_submodule(name, plain)
     del model.lora
     return model
 
