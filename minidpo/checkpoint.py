@@ -194,8 +194,8 @@ def is_neox_qkv(hf: dict, name: str) -> bool:
 
 
 def neox_qkv(t: torch.Tensor, num_heads: int, to_hf: bool = False) -> torch.Tensor:
-    # GPT-NeoX lays out query_key_value's outputs as [head, (q|k|v), head_dim]; ours is [(q|k|v), head,
-    # head_dim]; to_hf goes from ours to theirs. Same for the bias (a 1-D tensor).
+    # GPT-NeoX lays out query_key_value's outputs as [head, (q|k|v), head_dim], ours as [(q|k|v), head, head_dim];
+    # to_hf turns ours into theirs. Same for the bias (a 1-D tensor).
     rest, rows = t.shape[1:], (3, num_heads) if to_hf else (num_heads, 3)
     return t.reshape(*rows, -1, *rest).transpose(0, 1).reshape(-1, *rest)
 

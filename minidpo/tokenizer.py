@@ -216,9 +216,8 @@ class Tokenizer:
             template, template_file = config.get("chat_template"), path / "tokenizer_config.json"
         if isinstance(template, list):  # several named templates: transformers uses the one named "default"
             template = next((t["template"] for t in template if t["name"] == "default"), None)
-        eos = read_generation_config(path).get("eos_token_id")
-        extra_eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        return cls(backend, special, template, extra_eos, str(template_file))
+        eos = read_generation_config(path).get("eos_token_id")  # an id, a list of ids, or None (dropped in __init__)
+        return cls(backend, special, template, eos if isinstance(eos, list) else [eos], str(template_file))
 
     @property
     def vocab_size(self) -> int:
