@@ -163,11 +163,8 @@ def _write_tokenizer(meta, config, out_dir):
         return tokens[meta[key]] if key in meta else None
 
     write_json(out_dir / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token("bos"), "eos_token": token("eos"),
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token("bos"), "eos_token": token("eos"),
         "pad_token": token("padding"), "unk_token": token("unknown"),
         "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False),
-        "chat_template": meta.get("tokenizer.chat_template"),
-        "model_max_length": config["max_position_embeddings"],
-        "clean_up_tokenization_spaces": False,
-    })
+        "chat_template": meta.get("tokenizer.chat_template"), "model_max_length": config["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False})
