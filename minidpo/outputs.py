@@ -230,13 +230,10 @@ def publish(tmp: Path, target: Path):
 
 def model_card(cfg, steps: int, metrics: dict) -> str:
     judge = cfg.judge or cfg.reward_model_path or ", ".join(cfg.reward_funcs or [])
-    lines = [
-        "---", "library_name: minidpo", "tags: [online-dpo, minidpo]", "---", "",
-        f"# {Path(cfg.output_dir).name}", "",
-        f"Trained with minidpo's online DPO ({cfg.loss_type} loss) from `{cfg.model_name_or_path}` on "
-        f"`{cfg.dataset_name}` for {steps} steps; preferences from `{judge}`.", "",
-        "| setting | value |", "| --- | --- |",
-    ]
+    lines = ["---", "library_name: minidpo", "tags: [online-dpo, minidpo]", "---", "",
+             f"# {Path(cfg.output_dir).name}", "", f"Trained with minidpo's online DPO ({cfg.loss_type} loss) from "
+             f"`{cfg.model_name_or_path}` on `{cfg.dataset_name}` for {steps} steps; preferences from `{judge}`.", "",
+             "| setting | value |", "| --- | --- |"]
     for name in ("learning_rate", "beta", "per_device_train_batch_size", "gradient_accumulation_steps",
                  "max_new_tokens", "max_length", "temperature", "missing_eos_penalty", "bf16", "seed"):
         lines.append(f"| {name} | {getattr(cfg, name)} |")
