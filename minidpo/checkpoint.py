@@ -100,8 +100,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         norm_eps=hf.get("layer_norm_eps", 1e-5) if neox else hf.get("rms_norm_eps", 1e-6),
         qkv_bias=bias, out_bias=bias and family != "qwen2", mlp_bias=neox or hf.get("mlp_bias", False),
         parallel_residual=neox and hf.get("use_parallel_residual", True),
-        rope_layers=rope_layers, **SWITCHES.get(family, {}),
-    )
+        rope_layers=rope_layers, **SWITCHES.get(family, {}))
 
 
 def layer_types(hf: dict, family: str, rope_layers) -> list[str] | None:

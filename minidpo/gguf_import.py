@@ -80,23 +80,21 @@ def _config(meta, tied):
         return meta.get(f"llama.{key}", default)
 
     hidden, heads = arch("embedding_length"), arch("attention.head_count")
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": hidden, "intermediate_size": arch("feed_forward_length"),
-        "num_hidden_layers": arch("block_count"), "num_attention_heads": heads,
-        "num_key_value_heads": arch("attention.head_count_kv", heads),
-        "head_dim": arch("attention.key_length", hidden // heads),
-        "vocab_size": arch("vocab_size", len(meta["tokenizer.ggml.tokens"])),
-        "max_position_embeddings": arch("context_length"),
-        # Kept as stored: the float32 1e-5 reads back as 9.999999747378752e-06, as transformers reads it too.
-        "rms_norm_eps": arch("attention.layer_norm_rms_epsilon"),
-        # transformers 5 reads rope_theta only from rope_parameters; a top-level copy would be ignored.
-        "rope_parameters": {"rope_type": "default", "rope_theta": arch("rope.freq_base", 10000.0)},
-        "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "dtype": "float32",
-    }
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": hidden, "intermediate_size": arch("feed_forward_length"),
+            "num_hidden_layers": arch("block_count"), "num_attention_heads": heads,
+            "num_key_value_heads": arch("attention.head_count_kv", heads),
+            "head_dim": arch("attention.key_length", hidden // heads),
+            "vocab_size": arch("vocab_size", len(meta["tokenizer.ggml.tokens"])),
+            "max_position_embeddings": arch("context_length"),
+            # Kept as stored: the float32 1e-5 reads back as 9.999999747378752e-06, as transformers reads it too.
+            "rms_norm_eps": arch("attention.layer_norm_rms_epsilon"),
+            # transformers 5 reads rope_theta only from rope_parameters; a top-level copy would be ignored.
+            "rope_parameters": {"rope_type": "default", "rope_theta": arch("rope.freq_base", 10000.0)},
+            "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "dtype": "float32"}
 
 
 def _hf_name(gguf_name):
