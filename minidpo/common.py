@@ -1,5 +1,5 @@
 """Helpers any module may use; this one imports nothing of minidpo, so imports flow one way: one-line
-errors, Hub downloads, JSON files read and their keys checked (a downloaded config.json is untrusted
+errors, Hub downloads, JSON files written, or read and their keys checked (a downloaded config.json is untrusted
 input), and the one convention for writing a directory safely (a crash never leaves a half-written one)."""
 
 import importlib
