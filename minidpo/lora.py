@@ -1,11 +1,10 @@
 """LoRA (Hu et al. 2021) on minidpo's own layers, saved and loaded in PEFT's file layout.
 
-An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output
-columns of each adapted slice s (q_proj and v_proj of the fused q/k/v layer, say),
-scale * (x A_s^T) B_s^T with A_s [r, in], B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)).
-B starts at zero, so training starts exactly at the base model, which is also the reference:
-the same layers with the adapters off. Adapters sit beside the weights (layers.0.attn.qkv.lora_A.q_proj);
-PEFT names them after the HF module (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight),
+An adapted layer keeps its frozen weight W (never split or changed) and adds, to the output columns of each
+adapted slice s (q_proj and v_proj of the fused q/k/v layer, say), scale * (x A_s^T) B_s^T with A_s [r, in],
+B_s [rows_s, r], scale = alpha / r (rsLoRA: / sqrt(r)). B starts at zero, so training starts exactly at the base
+model, which is also the reference: the same layers with the adapters off. Adapters sit beside the weights
+(layers.0.attn.qkv.lora_A.q_proj); PEFT names them after the HF module (base_model.model.{module}.lora_A.weight),
 and checkpoint.tensor_plan relates the two (GPT-NeoX's interleaved query_key_value: B's rows reordered).
 
 Rollouts decode with the adapters merged into W (adapters_merged): 1.2x (q, v) to 1.5x (all linear layers)
@@ -13,7 +12,6 @@ faster on CPU than per-step low-rank products (bench/RESULTS.md). The adapted ro
 exactly, at the same address, so CUDA graphs captured inside the merge stay valid."""
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -26,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import (DTYPES, FAMILIES, is_neox_qkv, load_pretrained, neox_qkv_to_hf, neox_qkv_to_ours,
+from .checkpoint import (DTYPES, FAMILIES, is_neox_qkv, load_pretrained, neox_qkv,
                          save_pretrained, split_sizes, tensor_plan)
-from .common import error_line, print_error, read_json
+from .common import error_line, print_error, read_json, write_json
 from .cpu import linear
 from .model import Linear, Transformer
 
@@ -108,8 +106,7 @@ def add_adapters(model: Transformer, spec: LoraSpec) -> Transformer:
         slices = {t.removesuffix(".weight"): (start, n) for t, start, n in zip(theirs, starts, sizes)
                   if chosen(t.removesuffix(".weight"))}
         if slices:
-            parent, _, child = module_name.rpartition(".")
-            model.get_submodule(parent).register_module(child, LoraLinear(module, slices, spec))
+            model.set_submodule(module_name, LoraLinear(module, slices, spec))
             found |= {hf_name.rpartition(".")[2] for hf_name in slices}
     if not found:
         raise ValueError(f"LoRA target modules {targets} match no linear layer of this {hf['architectures'][0]} model")
@@ -168,7 +165,7 @@ def adapter_names(model: Transformer):
 def peft_tensors(state: dict, model: Transformer) -> dict[str, torch.Tensor]:
     """The adapter tensors of a minidpo state dict (e.g. full_state_dict's) under PEFT's names."""
     heads = model.cfg.num_heads
-    return {peft: (neox_qkv_to_hf(state[ours], heads) if neox else state[ours]).contiguous()
+    return {peft: (neox_qkv(state[ours], heads, to_hf=True) if neox else state[ours]).contiguous()
             for ours, peft, neox in adapter_names(model)}
 
 
@@ -180,7 +177,7 @@ def write_adapter(state: dict, model: Transformer, out_dir: Path):
               "target_modules": spec.target_modules, "bias": "none", "fan_in_fan_out": False,
               "inference_mode": True, "init_lora_weights": True, "use_dora": False}
     save_file(peft_tensors(state, model), out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_json(out_dir / ADAPTER_CONFIG, config)
 
 
 def load_adapter(model: Transformer, adapter_dir) -> Transformer:
@@ -207,7 +204,7 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
         if t.shape != ours[name].shape:  # checked first: the reordering of GPT-NeoX's rows needs the right shape
             raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {peft} has shape {tuple(t.shape)}, "
                              f"which does not fit the base model's {tuple(ours[name].shape)}")
-        state[name] = neox_qkv_to_ours(t, model.cfg.num_heads) if neox else t
+        state[name] = neox_qkv(t, model.cfg.num_heads) if neox else t
     model.load_state_dict(state, strict=False)  # copied into the fp32 adapters, whatever the file's dtype
     return model
 
@@ -220,8 +217,7 @@ def merge_adapters(model: Transformer) -> Transformer:
             layer.weight[start:start + rows] += low_rank_update(layer, s)
         plain = Linear(layer.weight.shape[1], layer.weight.shape[0], bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
-        parent, _, child = name.rpartition(".")
-        model.get_submodule(parent).register_module(child, plain)
+        model.set_submodule(name, plain)
     del model.lora
     return model
 

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .checkpoint import write_pretrained
-from .common import COUNT, OBJECT, SIZE, check_keys, error_line, replace_dir, temp_dir_beside, temp_name
+from .common import COUNT, OBJECT, SIZE, check_keys, error_line, replace_dir, temp_dir_beside, temp_name, write_json
 from .distributed import Dist, barrier, full_state_dict
 from .lora import write_adapter
 
@@ -129,7 +129,7 @@ class Checkpoints:
             write_model(full, model, tmp, tokenizer)
             state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": self.dist.world_size,
                      "config": config}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            write_json(tmp / "trainer_state.json", state)
 
     def all(self) -> list[Path]:
         """output_dir's checkpoint-N directories, oldest first (other names, e.g. checkpoint-best, are left be)."""
@@ -155,7 +155,7 @@ class Checkpoints:
     def load(self, path: Path, model, optimizer, scheduler, generator=None) -> int:
         """Restore everything save() wrote into the given objects; returns the step to continue from."""
         try:
-            state = json.loads((path / "trainer_state.json").read_text())
+            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--resume_from_checkpoint: cannot read {path / 'trainer_state.json'} ({e})") from None
         if not (isinstance(state, dict) and {"step", "world_size", "scheduler"} <= state.keys()):
@@ -230,13 +230,10 @@ def publish(tmp: Path, target: Path):
 
 def model_card(cfg, steps: int, metrics: dict) -> str:
     judge = cfg.judge or cfg.reward_model_path or ", ".join(cfg.reward_funcs or [])
-    lines = [
-        "---", "library_name: minidpo", "tags: [online-dpo, minidpo]", "---", "",
-        f"# {Path(cfg.output_dir).name}", "",
-        f"Trained with minidpo's online DPO ({cfg.loss_type} loss) from `{cfg.model_name_or_path}` on "
-        f"`{cfg.dataset_name}` for {steps} steps; preferences from `{judge}`.", "",
-        "| setting | value |", "| --- | --- |",
-    ]
+    lines = ["---", "library_name: minidpo", "tags: [online-dpo, minidpo]", "---", "",
+             f"# {Path(cfg.output_dir).name}", "", f"Trained with minidpo's online DPO ({cfg.loss_type} loss) from "
+             f"`{cfg.model_name_or_path}` on `{cfg.dataset_name}` for {steps} steps; preferences from `{judge}`.", "",
+             "| setting | value |", "| --- | --- |"]
     for name in ("learning_rate", "beta", "per_device_train_batch_size", "gradient_accumulation_steps",
                  "max_new_tokens", "max_length", "temperature", "missing_eos_penalty", "bf16", "seed"):
         lines.append(f"| {name} | {getattr(cfg, name)} |")

@@ -5,8 +5,6 @@ BOS/EOS: transformers 5 ignores `add_bos_token` / `add_eos_token` in tokenizer_c
 is present and keeps its stored post-processor as it is (Llama included), so `encode` is the plain `tokenizers`
 encode and those two keys are deliberately not read."""
 
-from __future__ import annotations
-
 import functools
 import json
 import re
@@ -21,7 +19,7 @@ from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
-from .common import COUNT, NUMBER, TOKEN_IDS, check_keys, error_line, read_json
+from .common import COUNT, NUMBER, TOKEN_IDS, check_keys, error_line, read_json, write_json
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 # What the keys read from tokenizer_config.json, special_tokens_map.json, generation_config.json must be.
@@ -218,9 +216,8 @@ class Tokenizer:
             template, template_file = config.get("chat_template"), path / "tokenizer_config.json"
         if isinstance(template, list):  # several named templates: transformers uses the one named "default"
             template = next((t["template"] for t in template if t["name"] == "default"), None)
-        eos = read_generation_config(path).get("eos_token_id")
-        extra_eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        return cls(backend, special, template, extra_eos, str(template_file))
+        eos = read_generation_config(path).get("eos_token_id")  # an id, a list of ids, or None (dropped in __init__)
+        return cls(backend, special, template, eos if isinstance(eos, list) else [eos], str(template_file))
 
     @property
     def vocab_size(self) -> int:
@@ -251,11 +248,10 @@ class Tokenizer:
     def render(self, prompt, completion=None) -> str:
         """The text a model reads for a prompt, or a prompt and its completion (a reward model's input).
 
-        A plain prompt is its text, the completion appended. A conversation (a list of {"role", "content"}
-        messages) goes through the chat template: a completion becomes the assistant's turn (a list of messages
-        is appended as it is); without one the text ends with the generation prompt. A conversation ending
-        with an assistant turn is continued instead (continue_final_message, as TRL does), a completion
-        appended to that turn's text."""
+        A plain prompt is its text, the completion appended. A conversation (a list of {"role", "content"} messages)
+        goes through the chat template: a completion becomes the assistant's turn (a list of messages is appended as
+        it is); without one the text ends with the generation prompt. A conversation ending with an assistant turn is
+        continued instead (continue_final_message, as TRL does), a completion appended to that turn's text."""
         if isinstance(prompt, str):
             return prompt + (completion or "")
         continued = prompt[-1]["role"] == "assistant"
@@ -340,7 +336,6 @@ class Tokenizer:
         # Without a class name AutoTokenizer may guess one from a config.json next to it (e.g. Qwen2Tokenizer),
         # and those classes rebuild the pre-tokenizer instead of loading tokenizer.json as it is.
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                    encoding="utf-8")
+        write_json(path / "tokenizer_config.json", config)
         if self.chat_template is not None:
             (path / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")

@@ -16,8 +16,8 @@ class Metrics:
     taken only at the end. Ranks and micro-batches hold different numbers of decided pairs, so a
     mean of means would weigh them wrongly; a sum of sums and counts does not."""
 
-    def __init__(self):
-        self.totals = {}  # name -> (sum, count), 0-dim tensors or floats
+    def __init__(self, totals: dict | None = None):
+        self.totals = totals or {}  # name -> (sum, count), 0-dim tensors or floats
 
     def add(self, metrics: dict):
         """Add {name: (sum, count)}."""
@@ -30,9 +30,7 @@ class Metrics:
         names = sorted(self.totals)
         packed = torch.tensor([[float(v) for v in self.totals[n]] for n in names], dtype=torch.float64)  # [names, 2]
         packed = all_reduce_sum(packed.to(device)).cpu()
-        total = Metrics()
-        total.totals = {n: (packed[i, 0].item(), packed[i, 1].item()) for i, n in enumerate(names)}
-        return total
+        return Metrics({name: tuple(pair) for name, pair in zip(names, packed.tolist())})
 
     def means(self) -> dict[str, float]:
         """{name: sum / count}; metrics with count 0 (e.g. no decided pair) are left out."""
@@ -41,16 +39,13 @@ class Metrics:
 
 class Tracker:
     def __init__(self, cfg, output_dir: Path, enabled: bool, resume_step: int = 0):
-        self.enabled = enabled
-        self.last_logged_step = resume_step
-        self.last_metrics = {}
+        self.enabled, self.last_logged_step, self.last_metrics = enabled, resume_step, {}
         self.started = time.perf_counter()
         self.tensorboard = self.wandb = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = output_dir / "metrics.jsonl"
-        self.completions = output_dir / "completions.jsonl"
+        self.jsonl, self.completions = output_dir / "metrics.jsonl", output_dir / "completions.jsonl"
         # A fresh run starts fresh logs. A resumed one keeps what was logged up to its checkpoint and
         # drops the rest, which the run is about to log again.
         for log in (self.jsonl, self.completions):
