@@ -47,11 +47,10 @@ _clock = time.perf_counter
 
 @contextlib.contextmanager
 def reusing_weights():
-    """Within, each weight's copy in oneDNN's blocked layout is made once and kept, for products
-    without gradients that reuse unchanged weights: a generation's decode steps (2-core AMD EPYC:
-    1.4x faster fp32 decoding at 8 rows, 1.15x at 32). fp32 products on the oneDNN path, and every
-    bf16 one (plain or under autocast: PyTorch's own bf16 path is oneDNN, so the bits are the same).
-    The copies cost the weights' size in memory while they last."""
+    """Within, each weight's copy in oneDNN's blocked layout is made once and kept, for products without
+    gradients that reuse unchanged weights: a generation's decode steps (2-core AMD EPYC: 1.4x faster fp32
+    decoding at 8 rows, 1.15x at 32). fp32 products on the oneDNN path, and every bf16 one (plain or under
+    autocast: PyTorch's own bf16 path is oneDNN, so the bits are the same). Costs the weights' size in memory."""
     global _reordered
     outer, _reordered = _reordered, {} if _reorder is not None else None  # None: a build without oneDNN
     try:
@@ -65,8 +64,8 @@ def shape_class(x, weight) -> tuple:
     whether x and weight have unit stride along `in` (a transposed view is another product), and
     whether the weights are reused (reusing_weights: oneDNN then skips its copy)."""
     rows = math.prod(x.shape[:-1])
-    return (*(1 << max(n - 1, 0).bit_length() for n in (rows, *weight.shape)), x.stride(-1) == 1, weight.stride(-1) == 1,
-            _reordered is not None)
+    rounded = (1 << max(n - 1, 0).bit_length() for n in (rows, *weight.shape))
+    return (*rounded, x.stride(-1) == 1, weight.stride(-1) == 1, _reordered is not None)
 
 
 def faster(x, weight, bias) -> str:
@@ -137,7 +136,8 @@ def linear(x, weight, bias=None):
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     if (_reordered is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
             and (autocast_bf16 or x.dtype == weight.dtype == torch.bfloat16)):
-        return _onednn(x.to(torch.bfloat16), weight, None if bias is None else bias.to(torch.bfloat16))  # as autocast would
+        bias = None if bias is None else bias.to(torch.bfloat16)  # as autocast would cast them
+        return _onednn(x.to(torch.bfloat16), weight, bias)
     if not chooses_path(x, weight):
         return F.linear(x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))

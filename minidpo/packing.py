@@ -16,6 +16,7 @@ Every completion's positions restart where the prompt ends, as in a row of its o
 last position predicts the first token of every completion."""
 
 from dataclasses import dataclass
+import os
 
 import torch
 
@@ -64,11 +65,8 @@ def pack_shared_prefixes(rows: list, k: int) -> tuple[Packed, torch.Tensor]:
     token. For a reward model, which reads each text at its last token: returns the packed rows and
     that token's column [groups, k]. A repeated row is read at its first copy's column."""
     groups = [rows[i:i + k] for i in range(0, len(rows), k)]
-    shared = []
-    for group in groups:
-        n = min(len(r) for r in group) - 1
-        agree = torch.stack([r[:n] for r in group]).eq(group[0][:n]).all(0)
-        shared.append(int(agree.long().cumprod(0).sum()))  # agreeing columns before the first disagreement
+    # os.path.commonprefix compares any sequences element by element, token lists included.
+    shared = [min(len(os.path.commonprefix([r.tolist() for r in group])), min(map(len, group)) - 1) for group in groups]
     P, C = max(shared), max(len(r) - p for group, p in zip(groups, shared) for r in group)
     prefix, prefix_mask = torch.zeros(len(groups), P, dtype=torch.long), torch.zeros(len(groups), P, dtype=torch.long)
     rests, last = torch.zeros(len(groups), k, C, dtype=torch.long), torch.zeros(len(groups), k, dtype=torch.long)
