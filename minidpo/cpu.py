@@ -133,9 +133,9 @@ def chooses_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias), for fp32 on CPU through the faster of oneDNN and MKL (_mm); bf16
     on CPU inside reusing_weights() through oneDNN with the weight reordered once."""
-    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if (_reordered is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and (autocast_bf16 or x.dtype == weight.dtype == torch.bfloat16)):
+    if _reordered is not None and x.device.type == "cpu" and not torch.is_grad_enabled() and (
+            x.dtype == weight.dtype == torch.bfloat16
+            or torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         bias = None if bias is None else bias.to(torch.bfloat16)  # as autocast would cast them
         return _onednn(x.to(torch.bfloat16), weight, bias)
     if not chooses_path(x, weight):
