@@ -131,8 +131,8 @@ class Sampler:
         # Compute in `dtype` (e.g. bf16 for fp32 weights under --bf16) through autocast. Its weight
         # cache (a bf16 copy of each weight, kept until the autocast block ends) is off with CUDA
         # graphs: the copy would be baked into a graph and miss optimizer updates. Without graphs it
-        # is on, so a weight is cast once per generate() call instead of once per token (on the
-        # CPU, half of a bf16 decode step's time).
+        # is on, so a weight is cast once per generate() call instead of once per token. (On CPU the
+        # linear layers bypass it: cpu.reusing_weights casts and reorders each weight once itself.)
         self.dtype = dtype or model.embed.weight.dtype
         self.autocast = self.dtype != model.embed.weight.dtype
         self.use_graphs = cuda_graphs and model.embed.weight.is_cuda
