@@ -178,15 +178,22 @@ class Attention(nn.Module):
         [B, kv_heads, S, head_dim], written at columns `slots`."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        if self.qk_norm == "proj":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
+        qk, v = self.qkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        if self.qk_norm:  # each over the whole projection ("proj") or over each head
+            q, k = qk.split([H * D, Hkv * D], dim=-1)
+            if self.qk_norm == "proj":
+                q, k = self.q_norm(q), self.k_norm(k)
+            else:
+                q = self.q_norm(q.unflatten(-1, (H, D))).flatten(-2)
+                k = self.k_norm(k.unflatten(-1, (Hkv, D))).flatten(-2)
+            qk = torch.cat((q, k), dim=-1)
+        # Queries and keys rotate together: one rotary pass of a few ops, not two (a decode step's
+        # time is largely per-op overhead).
+        qk = qk.unflatten(-1, (H + Hkv, D)).transpose(1, 2)  # [B, H + Hkv, T, D]
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
+            qk = apply_rope(qk, cos, sin)
+        q, k = qk.split([H, Hkv], dim=1)
+        v = v.unflatten(-1, (Hkv, D)).transpose(1, 2)
         if kv is not None:
             kv[0].index_copy_(2, slots, k.to(kv[0].dtype))  # under autocast a q/k norm may leave k in fp32
             kv[1].index_copy_(2, slots, v)
@@ -204,7 +211,7 @@ class Attention(nn.Module):
                 scores = (q @ k.transpose(-1, -2)).mul_(self.scale)
                 if self.softcap:  # not in place: tanh's backward reads its output
                     scores = torch.tanh(scores / self.softcap) * self.softcap
-                scores = scores.masked_fill_(~mask, -math.inf).softmax(-1, dtype=torch.float32)
+                scores = torch.where(mask, scores, -math.inf).softmax(-1, dtype=torch.float32)
                 y = scores.to(q.dtype) @ v
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
