@@ -106,6 +106,22 @@ def test_the_warm_up_call_is_not_counted(fresh_choice, monkeypatch):
     assert set(cpu.choices().values()) == {"onednn"}
 
 
+def test_small_products_take_the_best_of_many_calls(fresh_choice, monkeypatch):
+    # A 0.1 ms product on a busy machine: oneDNN's thread is descheduled for its first five calls
+    # (1 ms each), MKL takes 0.2 ms. SAMPLES calls alone would pick MKL for the whole process.
+    calls = {"onednn": 0}
+    def seconds(path, x, w):
+        if path == "mkl":
+            return 2e-4
+        calls["onednn"] += 1
+        return 1e-3 if calls["onednn"] <= 5 else 1e-4
+    clock = FakeClock(monkeypatch, seconds)
+    cpu.linear(torch.randn(4, 8), torch.randn(3, 8))
+    assert set(cpu.choices().values()) == {"onednn"}
+    # Each path ran until it had spent MIN_SECONDS: MKL 0.2 ms a call, its warm-up not counted.
+    assert clock.calls.count("mkl") == round(cpu.MIN_SECONDS / 2e-4) + 1
+
+
 def test_shape_classes_decode_prefill_vocabulary_and_backward_choose_apart(fresh_choice, monkeypatch):
     # A CPU where MKL wins at one row and oneDNN everywhere else.
     FakeClock(monkeypatch, lambda path, x, w: {"onednn": 2.0, "mkl": 1.0}[path] if x.numel() == x.shape[-1]
