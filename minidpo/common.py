@@ -107,10 +107,9 @@ def building_beside(target: Path):
 
 def replace_dir(new: Path, target: Path):
     """Move `new` to `target`; an existing target is swapped out first and removed only after."""
-    old = None
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
     new.rename(target)
-    if old is not None:
+    if old.exists():
         shutil.rmtree(old)

@@ -14,7 +14,6 @@ it was trained to score."""
 
 import concurrent.futures
 import http.client
-import importlib
 import importlib.util
 import itertools
 import json
@@ -118,7 +117,6 @@ class Pretrained:
         return cls(model, tokenizer, **options)
 
 
-# ---------------------------------------------------------------------------------------------
 # Pointwise scores: a tensor [N] for N (prompt, completion) rows.
 
 
@@ -212,7 +210,6 @@ def load_reward_function(spec: str):
     return func
 
 
-# ---------------------------------------------------------------------------------------------
 # Model judges: the paper's LLM annotator, local or behind an API.
 
 
@@ -377,7 +374,6 @@ class OpenAIJudge(PairwiseJudge):
         return unshuffle(verdicts, swapped)
 
 
-# ---------------------------------------------------------------------------------------------
 # train.py --judge NAME
 
 def pair_rm_judge(**options) -> PairwiseJudge:

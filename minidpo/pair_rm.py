@@ -136,7 +136,6 @@ class PairRM(nn.Module):
         return (self.head(torch.cat([source, first], -1)) - self.head(torch.cat([source, second], -1)))[:, 0]
 
 
-# ---------------------------------------------------------------------------------------------
 # Loading: PairRM's files (keys pretrained_model.* and head_layer.{1,4}.*) in either layout.
 
 # Our module names -> theirs; head_layer is Sequential(Dropout, Linear, Tanh, Dropout, Linear).

@@ -182,14 +182,12 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = (special.get(k) for k in SPECIAL_TOKENS)
         self.chat_template, self.template_origin = chat_template, template_origin  # origin: the file, for errors
         self.known_roles = set()  # roles the template was seen to render (apply_chat_template)
-        self.bos_token_id, self.eos_token_id, pad_id = map(self._id, (self.bos_token, self.eos_token, self.pad_token))
+        self.bos_token_id, self.eos_token_id, pad_id = (None if token is None else backend.token_to_id(token)
+                                                        for token in (self.bos_token, self.eos_token, self.pad_token))
         # Many chat models ship no pad token: eos pads instead (padding is masked out anyway).
         self.pad_token_id = self.eos_token_id if pad_id is None else pad_id
         # Turns may end with a non-eos token (<|eot_id|>) named only in generation_config.json: stop on any.
         self.eos_token_ids = list(dict.fromkeys(i for i in (self.eos_token_id, *extra_eos_ids) if i is not None))
-
-    def _id(self, token: str | None) -> int | None:
-        return None if token is None else self._tok.token_to_id(token)
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":

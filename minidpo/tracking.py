@@ -89,10 +89,8 @@ class Tracker:
 def logged_up_to(log: Path, step: int) -> list[str]:
     """The lines of a JSON-lines log with "step" <= step, each ending in a newline. A line that is
     not JSON is the torn end of a killed run's last write: it is dropped."""
-    if not log.exists():
-        return []
     keep = []
-    for line in log.read_text().splitlines():
+    for line in log.read_text().splitlines() if log.exists() else []:
         try:
             logged_step = json.loads(line)["step"]
         except (json.JSONDecodeError, TypeError, KeyError):
