@@ -7,10 +7,9 @@
 - Pointwise scores (RewardModel, RewardFunctions) rate each completion alone. Preference turns either kind
   into the rollout's chosen and rejected completions.
 
-The trainer drops undecided pairs from the loss and counts them, so one bad judgment never stops a run; an
-endpoint that is down ends it (OpenAIJudge's JudgeError) rather than train on nothing. Judges read prompts as
-plain text (prompt_text); only the reward model re-renders a conversation with its own chat template: the text
-it was trained to score."""
+The trainer drops undecided pairs from the loss and counts them, so one bad judgment never stops a run; an endpoint
+that is down ends it (OpenAIJudge's JudgeError) rather than train on nothing. Judges read prompts as plain text
+(prompt_text); only the reward model renders a conversation with its chat template: the text it learned to score."""
 
 import concurrent.futures
 import http.client
@@ -73,9 +72,6 @@ class PairwiseJudge:
 
 class ScoreJudge(PairwiseJudge):
     """Scores each (prompt, completion) alone: higher wins, -1 on a tie; shuffle_order is moot (no position bias)."""
-
-    def scores(self, prompts: list, completions: list[str]) -> list:
-        raise NotImplementedError
 
     def judge(self, prompts, completion_pairs, shuffle_order=True):
         scores = self.scores([p for p in prompts for _ in range(2)], [c for pair in completion_pairs for c in pair])
@@ -157,8 +153,6 @@ class RewardModel(Pretrained):
 
 
 class RewardModelJudge(ScoreJudge):
-    """A reward model as a pairwise judge."""
-
     def __init__(self, reward_model: RewardModel):
         self.reward_model = reward_model
 

@@ -209,9 +209,8 @@ def load_pair_rm(path, dtype=None, device=None) -> tuple[PairRM, dict]:
 
 
 class PairRMJudge(PairwiseJudge):
-    """PairRM as a pairwise judge, as TRL 1.0's PairRMJudge: judge() gives, per prompt, the index of the better
-    completion (0 on an exact tie, as there), or with return_scores the probability sigmoid(2 s / temperature)
-    that the first is better. Both orders are scored (shuffle_order is moot); prompts go through prompt_text."""
+    """PairRM as TRL 1.0's PairRMJudge: judge() gives, per prompt, the index of the better completion (0 on an exact
+    tie, as there), or with return_scores P(A better than B) as above. Both orders scored: shuffle_order is moot."""
 
     def __init__(self, model: PairRM, tokenizer: tokenizers.Tokenizer, source_max_length: int = 1224,
                  candidate_max_length: int = 412):

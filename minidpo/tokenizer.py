@@ -12,7 +12,6 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import jinja2
 import jinja2.ext
 import torch
 from jinja2.compiler import CodeGenerator

@@ -19,8 +19,7 @@ class Metrics:
     def __init__(self, totals: dict | None = None):
         self.totals = totals or {}  # name -> (sum, count), 0-dim tensors or floats
 
-    def add(self, metrics: dict):
-        """Add {name: (sum, count)}."""
+    def add(self, metrics: dict):  # {name: (sum, count)}
         for name, (s, c) in metrics.items():
             prev_s, prev_c = self.totals.get(name, (0.0, 0.0))
             self.totals[name] = (prev_s + s, prev_c + c)
