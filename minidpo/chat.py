@@ -27,8 +27,7 @@ class Chat:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
     def reply(self, message: str, out=sys.stdout) -> str:
-        """The model's answer to `message` after the conversation so far, written to `out` token by
-        token; both turns join the history."""
+        """The answer to `message` after the conversation so far, streamed to `out`; both turns join the history."""
         conversation = self.history + [{"role": "user", "content": message}]
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         self.sampler.reserve(1, len(ids) + self.max_new_tokens)  # refuses what exceeds the model's positions

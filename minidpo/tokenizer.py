@@ -1,9 +1,8 @@
 """A small tokenizer: `tokenizers.Tokenizer` plus special tokens and the chat template. From a Hugging Face model
 directory's files it gives the same ids and rendered chat as `transformers.AutoTokenizer`, without transformers.
 
-BOS/EOS: transformers 5 ignores `add_bos_token` / `add_eos_token` in tokenizer_config.json whenever a tokenizer.json
-is present and keeps its stored post-processor as it is (Llama included), so `encode` is the plain `tokenizers`
-encode and those two keys are deliberately not read."""
+BOS/EOS: given a tokenizer.json, transformers 5 ignores `add_bos_token` / `add_eos_token` in tokenizer_config.json and
+keeps the stored post-processor (Llama included): `encode` is the plain `tokenizers` encode; those keys go unread."""
 
 import functools
 import json
