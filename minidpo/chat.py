@@ -1,8 +1,7 @@
 """Talk to a model: `python -m minidpo.chat --model_name_or_path out/`.
 
-Reads one message per line from stdin (so it also works through a pipe), answers through the
-model's chat template with the whole conversation so far, and prints the reply as it is generated.
-`/clear` forgets the conversation, `/exit` (or end of input) quits."""
+Reads one message per line from stdin (a pipe works too), answers through the model's chat template with the whole
+conversation so far, printing the reply as it comes. `/clear` forgets the conversation, `/exit` (or EOF) quits."""
 
 import argparse
 import sys

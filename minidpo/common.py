@@ -19,8 +19,7 @@ def error_line(e: BaseException) -> str:
 
 
 def optional_import(module: str, needs: str, install: str):
-    """`module`, imported where an optional feature needs it; if it is missing, one line: `needs`
-    (what needs it), then the pip command's argument that installs it."""
+    """`module`, imported for an optional feature; if missing, one line: `needs`, then `pip install {install}`."""
     try:
         return importlib.import_module(module)
     except ImportError:

@@ -162,8 +162,7 @@ class RewardModelJudge(ScoreJudge):
 
 class RewardFunctions:
     """Reward functions, callables (prompts, completions, **kwargs) -> list[float] such as a RewardModel, summed
-    with weights into one score per completion, like TRL's `reward_funcs`. As in TRL, a value of None means "no
-    opinion on this completion" and is left out of its sum."""
+    with weights into one score per completion, as TRL's `reward_funcs`; a value of None (no opinion) adds nothing."""
 
     def __init__(self, funcs: list, weights: list[float] | None = None):
         if weights is not None and len(weights) != len(funcs):

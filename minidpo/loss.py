@@ -84,8 +84,7 @@ def online_dpo_metrics(logps, ref_logps, contain_eos, beta: float, valid=None, s
         metrics["objective/scores_margin"] = over_pairs(scores[:, 0] - scores[:, 1])
     if ref_logps is None:
         return metrics
-    # Unlike TRL, the sums run over completion tokens only: TRL's KL and entropy also add up the
-    # log-probs at padding positions after EOS.
+    # Unlike TRL's KL and entropy, which also add up log-probs at padding after EOS, sums cover completion tokens.
     kl = seq_logps - ref_logps.detach().float()  # sum_t log pi - log pi_ref, the k1 estimate of KL
     # TRL's sign, not its docs': non_score_reward = -beta * KL, so rlhf_reward = scores + non_score_reward.
     non_score_reward = -beta * kl

@@ -9,9 +9,8 @@ and head = Linear(2H -> H) -> tanh -> Linear(H -> 1):
     logit(A, B) = head([h_x; h_A]) - head([h_x; h_B])
     s = (logit(A, B) - logit(B, A)) / 2,    P(A better than B) = sigmoid(2 s / temperature)
 
-Both orders are scored, so a position preference cancels and swapping A and B negates s. A literal
-"[SEP]" in a text becomes a space (as in llm-blender); a prefix token typed inside a prompt or
-completion is dropped, since the scores are read at those tokens."""
+Both orders are scored: a position preference cancels, and swapping A and B negates s. A literal "[SEP]" in a text
+becomes a space (as in llm-blender); a prefix token typed in a text is dropped: scores are read at those tokens."""
 
 import math
 import re
