@@ -12,9 +12,8 @@ from .distributed import all_reduce_sum
 
 
 class Metrics:
-    """Named metrics as (sum, count) pairs, added up over micro-batches, steps and ranks; a mean is
-    taken only at the end. Ranks and micro-batches hold different numbers of decided pairs, so a
-    mean of means would weigh them wrongly; a sum of sums and counts does not."""
+    """Named metrics as (sum, count) pairs, added up over micro-batches, steps and ranks; a mean is taken only at the
+    end: ranks and micro-batches hold different numbers of decided pairs, and a mean of means would misweigh them."""
 
     def __init__(self, totals: dict | None = None):
         self.totals = totals or {}  # name -> (sum, count), 0-dim tensors or floats
