@@ -117,11 +117,10 @@ class Pretrained:
 
 
 class RewardModel(Pretrained):
-    """A sequence-classification model (num_labels=1) scoring each prompt + completion as its own tokenizer
-    renders them (Tokenizer.render), as its training data looked, read at each text's last token. The whole
-    text is scored, as in TRL; only rows longer than max_length (default max_position_embeddings) are cut from
-    the left, with a warning, so the completion's end is always scored. Consecutive rows of one prompt (a
-    prompt's n completions) are scored in one packed row, their common tokens once (packing.py)."""
+    """A sequence-classification model (num_labels=1) scoring prompt + completion as its own tokenizer renders them
+    (Tokenizer.render, as in its training data), read at the last token. The whole text is scored, as in TRL; only rows
+    longer than max_length (default max_position_embeddings) lose their start, with a warning, so the completion's end
+    is always scored. A prompt's n consecutive rows are scored in one packed row, common tokens once (packing.py)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
         if model.cfg.num_labels != 1:
