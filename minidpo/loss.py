@@ -3,8 +3,8 @@
 A step has B prompts with two completions each; per-completion tensors are [B, 2], the chosen
 completion in column 0 and the rejected one in column 1 (the trainer's Rollout layout).
 
-Metrics come back as (sum, count) pairs, not means (tracking.Metrics: why), and are divided only at the end."""
 Metrics come back as (sum, count) pairs, not means: tracking.Metrics says why."""
+
 import torch
 import torch.nn.functional as F
 
