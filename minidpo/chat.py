@@ -1,8 +1,7 @@
 """Talk to a model: `python -m minidpo.chat --model_name_or_path out/`.
 
-Reads one message per line from stdin (so it also works through a pipe), answers through the
-model's chat template with the whole conversation so far, and prints the reply as it is generated.
-`/clear` forgets the conversation, `/exit` (or end of input) quits."""
+Reads one message per line from stdin (a pipe works too), answers through the model's chat template with the whole
+conversation so far, printing the reply as it comes. `/clear` forgets the conversation, `/exit` (or EOF) quits."""
 
 import argparse
 import sys
@@ -17,8 +16,8 @@ from .common import error_line, print_error
 class Chat:
     def __init__(self, model, tokenizer, system=None, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=256,
                  seed=None):
-        self.model, self.tokenizer, self.system = model, tokenizer, system
-        self.temperature, self.top_p, self.top_k, self.max_new_tokens = temperature, top_p, top_k, max_new_tokens
+        self.model, self.tokenizer, self.system, self.max_new_tokens = model, tokenizer, system, max_new_tokens
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.sampler = Sampler(model)  # keeps its KV cache (and CUDA graph) from one turn to the next
         self.generator = torch.Generator(model.embed.weight.device).manual_seed(seed) if seed is not None else None
         self.clear()
@@ -27,16 +26,14 @@ class Chat:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
     def reply(self, message: str, out=sys.stdout) -> str:
-        """The model's answer to `message` after the conversation so far, written to `out` token by
-        token; both turns join the history."""
+        """The answer to `message` after the conversation so far, streamed to `out`; both turns join the history."""
         conversation = self.history + [{"role": "user", "content": message}]
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         self.sampler.reserve(1, len(ids) + self.max_new_tokens)  # refuses what exceeds the model's positions
         self.history = conversation  # only once the template and the sampler have taken it
         new, shown = [], ""
-        for token in self.sampler.stream(torch.tensor([ids]), self.max_new_tokens, self.temperature, self.top_k,
-                                         self.top_p, eos_token_ids=self.tokenizer.eos_token_ids,
-                                         generator=self.generator):
+        for token in self.sampler.stream(torch.tensor([ids]), self.max_new_tokens, **self.sampling,
+                                         eos_token_ids=self.tokenizer.eos_token_ids, generator=self.generator):
             new.append(token)
             # Decode everything so far, not the token alone: a byte-level token may be half of a character
             # (decoded as U+FFFD until its other half comes), and a leading space may depend on the previous token.

@@ -19,8 +19,7 @@ def error_line(e: BaseException) -> str:
 
 
 def optional_import(module: str, needs: str, install: str):
-    """`module`, imported where an optional feature needs it; if it is missing, one line: `needs`
-    (what needs it), then the pip command's argument that installs it."""
+    """`module`, imported for an optional feature; if missing, one line: `needs`, then `pip install {install}`."""
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -107,10 +106,9 @@ def building_beside(target: Path):
 
 def replace_dir(new: Path, target: Path):
     """Move `new` to `target`; an existing target is swapped out first and removed only after."""
-    old = None
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
     new.rename(target)
-    if old is not None:
+    if old.exists():
         shutil.rmtree(old)

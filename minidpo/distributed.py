@@ -1,10 +1,8 @@
 """torch.distributed plumbing: the process group torchrun describes, FSDP2 sharding, reductions of metrics.
 
-One process without torchrun is world size 1 with no process group at all; every helper here
-then does the trivial thing (the model stays a plain module), so the trainer has a single code path.
-
-Several nodes need nothing here: torchrun's own flags (--nnodes, --node_rank, --master_addr) set
-the environment that init_distributed reads."""
+One process without torchrun is world size 1 with no process group at all; every helper here then does the trivial
+thing (the model stays a plain module), so the trainer has a single code path. Several nodes need nothing here:
+torchrun's own flags (--nnodes, --node_rank, --master_addr) set the environment that init_distributed reads."""
 
 import gc
 import os

@@ -7,14 +7,12 @@
 - Pointwise scores (RewardModel, RewardFunctions) rate each completion alone. Preference turns either kind
   into the rollout's chosen and rejected completions.
 
-The trainer drops undecided pairs from the loss and counts them, so one bad judgment never stops a run; an
-endpoint that is down ends it (OpenAIJudge's JudgeError) rather than train on nothing. Judges read prompts as
-plain text (prompt_text); only the reward model re-renders a conversation with its own chat template: the text
-it was trained to score."""
+The trainer drops undecided pairs from the loss and counts them, so one bad judgment never stops a run; an endpoint
+that is down ends it (OpenAIJudge's JudgeError) rather than train on nothing. Judges read prompts as plain text
+(prompt_text); only the reward model renders a conversation with its chat template: the text it learned to score."""
 
 import concurrent.futures
 import http.client
-import importlib
 import importlib.util
 import itertools
 import json
@@ -75,9 +73,6 @@ class PairwiseJudge:
 class ScoreJudge(PairwiseJudge):
     """Scores each (prompt, completion) alone: higher wins, -1 on a tie; shuffle_order is moot (no position bias)."""
 
-    def scores(self, prompts: list, completions: list[str]) -> list:
-        raise NotImplementedError
-
     def judge(self, prompts, completion_pairs, shuffle_order=True):
         scores = self.scores([p for p in prompts for _ in range(2)], [c for pair in completion_pairs for c in pair])
         return [-1 if a == b else int(b > a) for a, b in zip(scores[::2], scores[1::2])]
@@ -118,16 +113,14 @@ class Pretrained:
         return cls(model, tokenizer, **options)
 
 
-# ---------------------------------------------------------------------------------------------
 # Pointwise scores: a tensor [N] for N (prompt, completion) rows.
 
 
 class RewardModel(Pretrained):
-    """A sequence-classification model (num_labels=1) scoring each prompt + completion as its own tokenizer
-    renders them (Tokenizer.render), as its training data looked, read at each text's last token. The whole
-    text is scored, as in TRL; only rows longer than max_length (default max_position_embeddings) are cut from
-    the left, with a warning, so the completion's end is always scored. Consecutive rows of one prompt (a
-    prompt's n completions) are scored in one packed row, their common tokens once (packing.py)."""
+    """A sequence-classification model (num_labels=1) scoring prompt + completion as its own tokenizer renders them
+    (Tokenizer.render, as in its training data), read at the last token. The whole text is scored, as in TRL; only rows
+    longer than max_length (default max_position_embeddings) lose their start, with a warning, so the completion's end
+    is always scored. A prompt's n consecutive rows are scored in one packed row, common tokens once (packing.py)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
         if model.cfg.num_labels != 1:
@@ -159,8 +152,6 @@ class RewardModel(Pretrained):
 
 
 class RewardModelJudge(ScoreJudge):
-    """A reward model as a pairwise judge."""
-
     def __init__(self, reward_model: RewardModel):
         self.reward_model = reward_model
 
@@ -170,8 +161,7 @@ class RewardModelJudge(ScoreJudge):
 
 class RewardFunctions:
     """Reward functions, callables (prompts, completions, **kwargs) -> list[float] such as a RewardModel, summed
-    with weights into one score per completion, like TRL's `reward_funcs`. As in TRL, a value of None means "no
-    opinion on this completion" and is left out of its sum."""
+    with weights into one score per completion, as TRL's `reward_funcs`; a value of None (no opinion) adds nothing."""
 
     def __init__(self, funcs: list, weights: list[float] | None = None):
         if weights is not None and len(weights) != len(funcs):
@@ -212,7 +202,6 @@ def load_reward_function(spec: str):
     return func
 
 
-# ---------------------------------------------------------------------------------------------
 # Model judges: the paper's LLM annotator, local or behind an API.
 
 
@@ -377,7 +366,6 @@ class OpenAIJudge(PairwiseJudge):
         return unshuffle(verdicts, swapped)
 
 
-# ---------------------------------------------------------------------------------------------
 # train.py --judge NAME
 
 def pair_rm_judge(**options) -> PairwiseJudge:

@@ -7,9 +7,8 @@ model, which is also the reference: the same layers with the adapters off. Adapt
 (layers.0.attn.qkv.lora_A.q_proj); PEFT names them after the HF module (base_model.model.{module}.lora_A.weight),
 and checkpoint.tensor_plan relates the two (GPT-NeoX's interleaved query_key_value: B's rows reordered).
 
-Rollouts decode with the adapters merged into W (adapters_merged): 1.2x (q, v) to 1.5x (all linear layers)
-faster on CPU than per-step low-rank products (bench/RESULTS.md). The adapted rows are copied back after,
-exactly, at the same address, so CUDA graphs captured inside the merge stay valid."""
+Rollouts decode with the adapters merged into W (adapters_merged): 1.2x (q, v) to 1.5x (all linear) faster on CPU
+than per-step low-rank products (bench/RESULTS.md). W is restored exactly, in place: captured CUDA graphs stay valid."""
 
 import argparse
 import math

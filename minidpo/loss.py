@@ -3,8 +3,7 @@
 A step has B prompts with two completions each; per-completion tensors are [B, 2], the chosen
 completion in column 0 and the rejected one in column 1 (the trainer's Rollout layout).
 
-Metrics come back as (sum, count) pairs, not means, so that ranks holding different numbers of
-valid pairs all-reduce into the right global mean (tracking.Metrics divides at the end)."""
+Metrics come back as (sum, count) pairs, not means: tracking.Metrics says why."""
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +27,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     that still backpropagates (zero gradients), so every rank runs the same backward."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
-    if loss_type == "simpo":  # reference-free and length-normalised; gamma is a margin on beta * h
-        logits = policy_chosen - policy_rejected - simpo_gamma / beta
-    else:
-        logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    # simpo is reference-free and length-normalised; its gamma is a margin on beta * h.
+    offset = simpo_gamma / beta if loss_type == "simpo" else ref_chosen - ref_rejected
+    logits = policy_chosen - policy_rejected - offset
     if loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
@@ -53,14 +51,13 @@ def bradley_terry_loss(chosen_scores, rejected_scores):
 def online_dpo_metrics(logps, ref_logps, contain_eos, beta: float, valid=None, scores=None):
     """The reference's logged metrics as {name: (sum, count)} of 0-dim tensors.
 
-    Pair layout, as the trainer's Rollout: row b is prompt b, column 0 its chosen completion,
-    column 1 the rejected one, further columns (contain_eos and scores only) its other samples.
-    logps, ref_logps [B, 2]: each completion's log-prob summed over its tokens, under the policy and
-    the reference (no grad needed; ref_logps None without a reference: SimPO); contain_eos [B, n]
-    (bool); valid [B] (bool); scores [B, n]: reward scores (missing-EOS penalty included), if any.
-    objective/* and val/* average over completions (scores and EOS over all n samples, the others
-    over the two scored); rewards/* and logps/* over valid pairs. Without a reference the metrics
-    that need one (KL, non-score and RLHF reward, implicit rewards) are left out, not logged as 0."""
+    Pair layout, as the trainer's Rollout: row b is prompt b, column 0 its chosen completion, column 1 the rejected
+    one, further columns (contain_eos and scores only) its other samples. logps, ref_logps [B, 2]: each completion's
+    log-prob summed over its tokens, under the policy and the reference (no grad needed; ref_logps None without a
+    reference: SimPO); contain_eos [B, n] (bool); valid [B] (bool); scores [B, n]: reward scores (missing-EOS penalty
+    included), if any. objective/* and val/* average over completions (scores and EOS over all n samples, the others
+    over the two scored); rewards/* and logps/* over valid pairs. Without a reference the metrics that need one (KL,
+    non-score and RLHF reward, implicit rewards) are left out, not logged as 0."""
     seq_logps = logps.detach().float()
     B, device = len(seq_logps), seq_logps.device
     valid = torch.ones(B, dtype=torch.bool, device=device) if valid is None else valid
@@ -86,8 +83,7 @@ def online_dpo_metrics(logps, ref_logps, contain_eos, beta: float, valid=None, s
         metrics["objective/scores_margin"] = over_pairs(scores[:, 0] - scores[:, 1])
     if ref_logps is None:
         return metrics
-    # Unlike TRL, the sums run over completion tokens only: TRL's KL and entropy also add up the
-    # log-probs at padding positions after EOS.
+    # Unlike TRL's KL and entropy, which also add up log-probs at padding after EOS, sums cover completion tokens.
     kl = seq_logps - ref_logps.detach().float()  # sum_t log pi - log pi_ref, the k1 estimate of KL
     # TRL's sign, not its docs': non_score_reward = -beta * KL, so rlhf_reward = scores + non_score_reward.
     non_score_reward = -beta * kl

@@ -158,7 +158,7 @@ class Checkpoints:
             state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--resume_from_checkpoint: cannot read {path / 'trainer_state.json'} ({e})") from None
-        if not (isinstance(state, dict) and {"step", "world_size", "scheduler"} <= state.keys()):
+        if not (isinstance(state, dict) and TRAINER_STATE_KEYS.keys() <= state.keys()):
             # e.g. a checkpoint of HF's Trainer, whose trainer_state.json holds other things
             raise ValueError(f"--resume_from_checkpoint: {path} was not written by minidpo "
                              "(its trainer_state.json lacks step, world_size or scheduler)")

@@ -9,9 +9,8 @@ and head = Linear(2H -> H) -> tanh -> Linear(H -> 1):
     logit(A, B) = head([h_x; h_A]) - head([h_x; h_B])
     s = (logit(A, B) - logit(B, A)) / 2,    P(A better than B) = sigmoid(2 s / temperature)
 
-Both orders are scored, so a position preference cancels and swapping A and B negates s. A literal
-"[SEP]" in a text becomes a space (as in llm-blender); a prefix token typed inside a prompt or
-completion is dropped, since the scores are read at those tokens."""
+Both orders are scored: a position preference cancels, and swapping A and B negates s. A literal "[SEP]" in a text
+becomes a space (as in llm-blender); a prefix token typed in a text is dropped: scores are read at those tokens."""
 
 import math
 import re
@@ -136,7 +135,6 @@ class PairRM(nn.Module):
         return (self.head(torch.cat([source, first], -1)) - self.head(torch.cat([source, second], -1)))[:, 0]
 
 
-# ---------------------------------------------------------------------------------------------
 # Loading: PairRM's files (keys pretrained_model.* and head_layer.{1,4}.*) in either layout.
 
 # Our module names -> theirs; head_layer is Sequential(Dropout, Linear, Tanh, Dropout, Linear).
@@ -210,9 +208,8 @@ def load_pair_rm(path, dtype=None, device=None) -> tuple[PairRM, dict]:
 
 
 class PairRMJudge(PairwiseJudge):
-    """PairRM as a pairwise judge, as TRL 1.0's PairRMJudge: judge() gives, per prompt, the index of the better
-    completion (0 on an exact tie, as there), or with return_scores the probability sigmoid(2 s / temperature)
-    that the first is better. Both orders are scored (shuffle_order is moot); prompts go through prompt_text."""
+    """PairRM as TRL 1.0's PairRMJudge: judge() gives, per prompt, the index of the better completion (0 on an exact
+    tie, as there), or with return_scores P(A better than B) as above. Both orders scored: shuffle_order is moot."""
 
     def __init__(self, model: PairRM, tokenizer: tokenizers.Tokenizer, source_max_length: int = 1224,
                  candidate_max_length: int = 412):

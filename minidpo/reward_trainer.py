@@ -1,9 +1,8 @@
 """Training a Bradley-Terry reward model (--objective reward) on a preference dataset.
 
-The loop, the step's shape, checkpoints and logging are trainer.py's. Collecting reads labelled pairs (prompt,
-chosen, rejected) instead of sampling them; learning scores both completions with the model being trained and
-minimises -log sigma(r_chosen - r_rejected). The model starts as the causal LM's body with a fresh one-output
-`score` head and is saved as *ForSequenceClassification."""
+The loop, step shape, checkpoints and logging are trainer.py's. Collecting reads labelled pairs (prompt, chosen,
+rejected) instead of sampling them; learning scores both and minimises -log sigma(r_chosen - r_rejected).
+The model starts as the causal LM's body with a fresh one-output `score` head, saved as *ForSequenceClassification."""
 
 from dataclasses import dataclass
 

@@ -1,9 +1,8 @@
 """A small tokenizer: `tokenizers.Tokenizer` plus special tokens and the chat template. From a Hugging Face model
 directory's files it gives the same ids and rendered chat as `transformers.AutoTokenizer`, without transformers.
 
-BOS/EOS: transformers 5 ignores `add_bos_token` / `add_eos_token` in tokenizer_config.json whenever a tokenizer.json
-is present and keeps its stored post-processor as it is (Llama included), so `encode` is the plain `tokenizers`
-encode and those two keys are deliberately not read."""
+BOS/EOS: given a tokenizer.json, transformers 5 ignores `add_bos_token` / `add_eos_token` in tokenizer_config.json and
+keeps the stored post-processor (Llama included): `encode` is the plain `tokenizers` encode; those keys go unread."""
 
 import functools
 import json
@@ -12,7 +11,6 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import jinja2
 import jinja2.ext
 import torch
 from jinja2.compiler import CodeGenerator
@@ -182,14 +180,12 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = (special.get(k) for k in SPECIAL_TOKENS)
         self.chat_template, self.template_origin = chat_template, template_origin  # origin: the file, for errors
         self.known_roles = set()  # roles the template was seen to render (apply_chat_template)
-        self.bos_token_id, self.eos_token_id, pad_id = map(self._id, (self.bos_token, self.eos_token, self.pad_token))
+        self.bos_token_id, self.eos_token_id, pad_id = (None if token is None else backend.token_to_id(token)
+                                                        for token in (self.bos_token, self.eos_token, self.pad_token))
         # Many chat models ship no pad token: eos pads instead (padding is masked out anyway).
         self.pad_token_id = self.eos_token_id if pad_id is None else pad_id
         # Turns may end with a non-eos token (<|eot_id|>) named only in generation_config.json: stop on any.
         self.eos_token_ids = list(dict.fromkeys(i for i in (self.eos_token_id, *extra_eos_ids) if i is not None))
-
-    def _id(self, token: str | None) -> int | None:
-        return None if token is None else self._tok.token_to_id(token)
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":

@@ -12,15 +12,13 @@ from .distributed import all_reduce_sum
 
 
 class Metrics:
-    """Named metrics as (sum, count) pairs, added up over micro-batches, steps and ranks; a mean is
-    taken only at the end. Ranks and micro-batches hold different numbers of decided pairs, so a
-    mean of means would weigh them wrongly; a sum of sums and counts does not."""
+    """Named metrics as (sum, count) pairs, added up over micro-batches, steps and ranks; a mean is taken only at the
+    end: ranks and micro-batches hold different numbers of decided pairs, and a mean of means would misweigh them."""
 
     def __init__(self, totals: dict | None = None):
         self.totals = totals or {}  # name -> (sum, count), 0-dim tensors or floats
 
-    def add(self, metrics: dict):
-        """Add {name: (sum, count)}."""
+    def add(self, metrics: dict):  # {name: (sum, count)}
         for name, (s, c) in metrics.items():
             prev_s, prev_c = self.totals.get(name, (0.0, 0.0))
             self.totals[name] = (prev_s + s, prev_c + c)
@@ -89,10 +87,8 @@ class Tracker:
 def logged_up_to(log: Path, step: int) -> list[str]:
     """The lines of a JSON-lines log with "step" <= step, each ending in a newline. A line that is
     not JSON is the torn end of a killed run's last write: it is dropped."""
-    if not log.exists():
-        return []
     keep = []
-    for line in log.read_text().splitlines():
+    for line in log.read_text().splitlines() if log.exists() else []:
         try:
             logged_step = json.loads(line)["step"]
         except (json.JSONDecodeError, TypeError, KeyError):
