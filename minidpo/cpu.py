@@ -25,6 +25,9 @@ import torch.nn.functional as F
 
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _reorder = torch.ops.mkldnn._reorder_linear_weight if _onednn_linear is not None else None  # -> oneDNN's layout
+# PyTorch's bf16 products are oneDNN's only where oneDNN has bf16 kernels for the CPU (AVX-512 or
+# AVX-NE-CONVERT); elsewhere (an AVX2 Zen 3 EPYC) PyTorch's own, and oneDNN cannot reorder a bf16 weight.
+_onednn_bf16 = _onednn_linear is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 _reordered: dict | None = None  # inside reusing_weights(): (id(weight), dtype) -> (weight, its reordered copy)
 
 
@@ -51,8 +54,8 @@ _clock = time.perf_counter
 def reusing_weights():
     """Within, each weight's copy in oneDNN's blocked layout is made once and kept, for products without
     gradients that reuse unchanged weights: a generation's decode steps (2-core AMD EPYC: 1.4x faster fp32
-    decoding at 8 rows, 1.15x at 32). fp32 products on the oneDNN path, and every bf16 one (plain or under
-    autocast: PyTorch's own bf16 path is oneDNN, so the bits are the same). Costs the weights' size in memory."""
+    decoding at 8 rows, 1.15x at 32). fp32 products on the oneDNN path, and every bf16 one where PyTorch's
+    bf16 path is oneDNN (plain or under autocast: the bits are the same). Costs the weights' size in memory."""
     global _reordered
     outer, _reordered = _reordered, {} if _reorder is not None else None  # None: a build without oneDNN
     try:
@@ -141,8 +144,8 @@ def chooses_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias), for fp32 on CPU through the faster of oneDNN and MKL (_mm); bf16
-    on CPU inside reusing_weights() through oneDNN with the weight reordered once."""
-    if _reordered is not None and x.device.type == "cpu" and not torch.is_grad_enabled() and (
+    on CPU inside reusing_weights() through oneDNN with the weight reordered once (where it is PyTorch's path)."""
+    if _reordered is not None and _onednn_bf16 and x.device.type == "cpu" and not torch.is_grad_enabled() and (
             x.dtype == weight.dtype == torch.bfloat16
             or torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         bias = None if bias is None else bias.to(torch.bfloat16)  # as autocast would cast them

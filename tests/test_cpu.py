@@ -206,11 +206,25 @@ def test_reused_bf16_weights_give_the_same_bits_as_f_linear(autocast, counted_re
                 got = [cpu.linear(x, weight, bias) for _ in range(2)]
             assert got[0].dtype == got[1].dtype == want.dtype == torch.bfloat16
             assert torch.equal(got[0], want) and torch.equal(got[1], want)
-    assert len(counted_reorders) == 3  # once per reusing_weights() block
+    # Once per reusing_weights() block, where PyTorch's bf16 path is oneDNN's (AVX-512); elsewhere never.
+    reorders = 3 if cpu._onednn_bf16 else 0
+    assert len(counted_reorders) == reorders
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast), cpu.reusing_weights():
         plain = weight.detach()  # not a parameter: cast and computed, not kept
         assert torch.equal(cpu.linear(x, plain, bias), want)
-    assert len(counted_reorders) == 3
+    assert len(counted_reorders) == reorders
+
+
+def test_without_onednn_bf16_kernels_bf16_products_are_pytorchs_own(counted_reorders, monkeypatch):
+    # An AVX2 CPU (Zen 3 EPYC): oneDNN has no bf16 kernels there and cannot reorder a bf16 weight.
+    monkeypatch.setattr(cpu, "_onednn_bf16", False)
+    weight = torch.nn.Parameter(torch.randn(96, 64))
+    x = torch.randn(8, 64)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), cpu.reusing_weights():
+        got = cpu.linear(x, weight)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(got, F.linear(x, weight))
+    assert counted_reorders == []
 
 
 FAULTS_OF_LATER_STEPS = """

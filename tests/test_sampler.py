@@ -247,7 +247,10 @@ def test_generate_reorders_each_weight_once_per_call(llama, dtype, monkeypatch):
     for _ in range(2):
         greedy(sampler, ids, mask, max_new_tokens=8)
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]  # 4 a layer, and the head
-    assert len(reordered) == 2 * len(weights) == 2 * (4 * model.cfg.num_layers + 1)
+    assert len(weights) == 4 * model.cfg.num_layers + 1
+    # bf16: only where PyTorch's bf16 products are oneDNN's (AVX-512); on an AVX2 CPU, none.
+    reorders = len(weights) if dtype == torch.float32 or cpu._onednn_bf16 else 0
+    assert len(reordered) == 2 * reorders
     assert cpu._reordered is None
 
 
