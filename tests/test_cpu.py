@@ -122,6 +122,34 @@ def test_small_products_take_the_best_of_many_calls(fresh_choice, monkeypatch):
     assert clock.calls.count("mkl") == round(cpu.MIN_SECONDS / 2e-4) + 1
 
 
+def test_each_trial_reads_its_weight_from_memory_not_from_cache(fresh_choice, monkeypatch):
+    # MKL is fast only on the weight it multiplied last (still in cache), oneDNN the same either way.
+    # In a model the rest of the model passes between two products with a weight: oneDNN is faster.
+    last = {}
+    def seconds(path, x, w):
+        hot, last[path] = last.get(path) is w, w
+        return {"onednn": 2.0, "mkl": 1.0 if hot else 3.0}[path]
+    monkeypatch.setattr(cpu, "CACHE_BYTES", 4 * 3 * 8 * 4)  # four of the weights fill the cache
+    FakeClock(monkeypatch, seconds)
+    cpu.linear(torch.randn(4, 8), torch.randn(3, 8))
+    assert set(cpu.choices().values()) == {"onednn"}
+
+
+def test_cold_copies_overflow_the_cache_and_keep_the_layout(monkeypatch, tmp_path):
+    for index, size in enumerate(["48K", "1024K", "1M"]):  # sysfs: L1, L2, L3 (here 1 MiB)
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    monkeypatch.setattr(cpu.glob, "glob", lambda pattern: [str(p) for p in tmp_path.glob("index*/size")])
+    assert cpu.largest_cache_bytes() == 2**20
+    monkeypatch.setattr(cpu, "CACHE_BYTES", 1000)
+    weight = torch.randn(10, 8).t()  # 320 bytes, a transposed view (a backward product's operand)
+    copies = cpu.cold_copies(weight, reordered=False)
+    assert len(copies) == 5  # 1,600 bytes: more than the cache holds
+    assert all(c.stride() == weight.stride() and torch.equal(c, weight) and c is not weight for c in copies)
+    big = torch.randn(100, 8)  # alone more than the cache: itself, no copy
+    assert cpu.cold_copies(big, reordered=True) == [big]
+
+
 def test_shape_classes_decode_prefill_vocabulary_and_backward_choose_apart(fresh_choice, monkeypatch):
     # A CPU where MKL wins at one row and oneDNN everywhere else.
     FakeClock(monkeypatch, lambda path, x, w: {"onednn": 2.0, "mkl": 1.0}[path] if x.numel() == x.shape[-1]
