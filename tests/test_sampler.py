@@ -204,6 +204,21 @@ def test_reused_sampler_equals_fresh_one(llama):
     assert model.training  # generation leaves the model's mode alone
 
 
+def test_completions_are_plain_tensors_and_stream_shares_the_cache(llama):
+    # On CPU the sampler runs under inference_mode; what it returns must still serve training (a
+    # tensor backward saves) and in-place edits, and stream() and generate() share one cache.
+    _, model = llama
+    sampler = Sampler(model)
+    ids, mask = prompts([6, 4])
+    out = greedy(sampler, ids, mask, n=2)
+    assert not any(t.is_inference() for t in (out.ids, out.mask, out.has_eos))
+    logps = torch.randn(out.mask.shape, requires_grad=True)
+    (logps * out.mask).sum().backward()  # the product saves the mask for backward
+    out.ids[:, 0] = PAD
+    streamed = list(sampler.stream(ids[1:, -4:], max_new_tokens=6, temperature=0))
+    assert streamed == greedy(sampler, ids[1:, -4:], mask[1:, -4:], max_new_tokens=6).ids[0].tolist()
+
+
 def test_bf16_autocast_over_fp32_weights_matches_full_forwards(llama):
     # --bf16 keeps fp32 master weights and samples under autocast with a bf16 cache: the cached
     # decode must equal full forwards under the same autocast.
