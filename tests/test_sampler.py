@@ -219,6 +219,13 @@ def test_completions_are_plain_tensors_and_stream_shares_the_cache(llama):
     assert streamed == greedy(sampler, ids[1:, -4:], mask[1:, -4:], max_new_tokens=6).ids[0].tolist()
 
 
+def test_a_cpu_sampler_keeps_freed_memory_for_its_next_call(llama, monkeypatch):
+    kept = []
+    monkeypatch.setattr(minidpo.sampler, "keep_freed_memory", lambda: kept.append(True) or True)
+    Sampler(llama[1])
+    assert kept == [True]
+
+
 def test_bf16_autocast_over_fp32_weights_matches_full_forwards(llama):
     # --bf16 keeps fp32 master weights and samples under autocast with a bf16 cache: the cached
     # decode must equal full forwards under the same autocast.
