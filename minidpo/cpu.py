@@ -187,6 +187,12 @@ def linear(x, weight, bias=None):
     return _Linear.apply(x, weight, bias) if needs_grad else _mm(x, weight, bias)
 
 
+def fast_bf16() -> bool:
+    """Whether bf16 products are fast here: on a GPU, or on a CPU whose oneDNN has bf16 kernels. (On an
+    AVX2 Zen 3 EPYC, PyTorch's own bf16 product of 512 rows by SmolLM2's MLP takes 4.3x the fp32 one.)"""
+    return torch.cuda.is_available() or _onednn_bf16
+
+
 # mallopt parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 

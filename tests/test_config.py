@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from minidpo import config
+from minidpo.cpu import fast_bf16
 from minidpo.config import DEMO_DEFAULTS, UNSUPPORTED, Config, ConfigError, interval, parse_args
 
 DOCS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "online_dpo_trainer_docs.txt"
@@ -208,6 +210,7 @@ def test_demo_defaults_fill_only_what_was_not_given():
     demo = parse_args([])
     for name, value in DEMO_DEFAULTS.items():
         assert getattr(demo, name) == value
+    assert demo.bf16 == fast_bf16()
     assert Path(demo.dataset_name).is_file()
     assert demo.beta == [0.1] and demo.temperature == 0.9  # the rest keep the reference's defaults
 
@@ -218,6 +221,14 @@ def test_demo_defaults_fill_only_what_was_not_given():
 
     scored = parse_args(["--reward_model_path", "r"])  # a scorer given by the user replaces the demo's judge
     assert scored.judge is None and scored.reward_model_path == "r"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_demo_computes_in_bf16_where_bf16_is_fast(monkeypatch, fast):
+    monkeypatch.setattr(config, "fast_bf16", lambda: fast)
+    assert parse_args([]).bf16 is fast
+    assert parse_args(["--bf16", "true"]).bf16 is True and parse_args(["--bf16", "false"]).bf16 is False
+    assert parse_args(BASE + ["--judge", "j"]).bf16 is False  # not the demo: the reference's default
 
 
 def test_no_demo_defaults_once_a_model_is_given(capsys):
