@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +46,10 @@ def _onednn(x, weight, bias=None):
 
 
 def largest_cache_bytes() -> int:
-    """The size of the CPU's largest cache (Linux's sysfs), or 32 MiB where it cannot be read."""
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        with open(path) as f:
-            size = f.read().strip()  # e.g. "32768K"
-        if size[:-1].isdigit() and size[-1] in "KM":
-            sizes.append(int(size[:-1]) << (10 if size[-1] == "K" else 20))
-    return max(sizes, default=32 << 20)
+    """The CPU's largest cache in bytes (Linux's sysfs writes "32768K"), or 32 MiB where it cannot be read."""
+    sizes = [Path(p).read_text().strip() for p in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size")]
+    return max((int(s[:-1]) << {"K": 10, "M": 20}[s[-1]] for s in sizes if s[:-1].isdigit() and s[-1] in "KM"),
+               default=32 << 20)
 
 
 PATHS = {"onednn": _onednn, "mkl": F.linear}
@@ -91,10 +88,9 @@ def cold_copies(weight, reordered: bool) -> list:
     """Copies of `weight` that together overflow the CPU's largest cache (none if it alone does), in
     oneDNN's layout if `reordered`: cycling through them, each product reads its weight from memory."""
     size = weight.numel() * weight.element_size()
-    count = min(math.ceil(CACHE_BYTES / size) + 1, MAX_CALLS + 1) if size < CACHE_BYTES else 1
-    if count == 1:  # in reusing_weights(), _onednn reorders a parameter itself, once
+    if size >= CACHE_BYTES:  # in reusing_weights(), _onednn reorders a parameter itself, once
         return [weight]
-    copies = [weight.detach().clone() for _ in range(count)]  # clone() keeps a transposed view's strides
+    copies = [weight.detach().clone() for _ in range(min(CACHE_BYTES // size + 2, MAX_CALLS + 1))]  # strides kept
     return [_reorder(copy) for copy in copies] if reordered else copies
 
 
