@@ -6,12 +6,16 @@ SmolLM2-135M (hidden 576; q/k/v fused 960, gate/up fused 3072, down 1536 -> 576,
 at 1 row (batch-1 decode), 32 rows (the sampler's 16 x 2 decode) and 512 rows (prefill, scoring,
 the log-prob passes), the forward product and the two backward ones (dL/dx = g W, dL/dW = g^T x),
 each path timed in turn after a warm-up of both, median of --repeats; then which path the auto
-choice picked for the same products in this process.
+choice picked for the same products in this process. As the choice does, each call multiplies the
+next of cpu.cold_copies(weight), so that its weight comes from memory as in a model, and the decode
+rows' forward products use weights reordered once (cpu.reusing_weights, as the sampler runs them).
 
     python bench/matmul.py [--threads 2] [--repeats 7] [--json]
 """
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import platform
@@ -48,17 +52,22 @@ def main():
     for row_name, rows in ROWS.items():
         for layer, shape in LAYERS.items():
             for product, (a, b) in products(rows, *shape).items():
+                reused = row_name.startswith("decode") and product == "forward"
                 times = {path: [] for path in cpu.PATHS}
+                operands = {path: itertools.cycle(cpu.cold_copies(b, reused and path == "onednn")) for path in cpu.PATHS}
                 for repeat in range(args.repeats + 1):  # repeat 0 warms both up
                     for path, fn in cpu.PATHS.items():
+                        operand = next(operands[path])
                         start = time.perf_counter()
-                        fn(a, b)
+                        fn(a, operand)
                         if repeat:
                             times[path].append(1e3 * (time.perf_counter() - start))
-                for _ in range(2 * (cpu.SAMPLES + 1)):
-                    cpu._mm(a, b)
+                del operands
+                with cpu.reusing_weights() if reused else contextlib.nullcontext():
+                    weight = torch.nn.Parameter(b, requires_grad=False) if reused else b
+                    cpu._mm(a, weight)
+                    picked = cpu.choices()[cpu.shape_class(a, weight)]
                 ms = {path: statistics.median(t) for path, t in times.items()}
-                picked = cpu.choices()[cpu.shape_class(a, b)]
                 table.append(dict(rows=rows, layer=layer, product=product, picked=picked, **{f"{k}_ms": v for k, v in ms.items()}))
                 print(f"{row_name:12}{layer:9}{product:9}{ms['onednn']:9.3f}{ms['mkl']:9.3f}"
                       f"{ms['mkl'] / ms['onednn']:11.2f}x{picked:>12}")

@@ -2,9 +2,10 @@
 
 1. fp32 linear layers through the faster of two GEMM libraries for each shape, found by timing:
    MKL's sgemm (PyTorch's fp32 path) or oneDNN (its bf16 path), whose kernels are generated for
-   the CPU. Which wins depends on the CPU and the shape (oneDNN by up to 2x on the AMD EPYC of the
-   results, MKL on Intel Xeons at batch 1), so each shape class times its first product on both
-   (faster()) and keeps the faster; the two differ by rounding only. MINIDPO_CPU_MATMUL=onednn|mkl
+   the CPU. Which wins depends on the CPU and the shape (oneDNN by up to 2x on the AMD EPYCs of the
+   results, MKL at hundreds of rows on their Zen 3), so each shape class times its first product on
+   both, its weight read from memory as in a model (faster()), and keeps the faster; the two differ
+   by rounding only. MINIDPO_CPU_MATMUL=onednn|mkl
    fixes the path (bit-for-bit repeats); auto is the default. Other products go to F.linear
    (outside reusing_weights).
 2. Weights reordered once for many products (reusing_weights). oneDNN copies a weight into its
