@@ -31,7 +31,7 @@ class Chat:
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         self.sampler.reserve(1, len(ids) + self.max_new_tokens)  # refuses what exceeds the model's positions
         self.history = conversation  # only once the template and the sampler have taken it
-        new, shown = [], ""
+        new, shown, text = [], "", ""
         for token in self.sampler.stream(torch.tensor([ids]), self.max_new_tokens, **self.sampling,
                                          eos_token_ids=self.tokenizer.eos_token_ids, generator=self.generator):
             new.append(token)
@@ -39,10 +39,8 @@ class Chat:
             # (decoded as U+FFFD until its other half comes), and a leading space may depend on the previous token.
             text = self.tokenizer.decode(new)
             if not text.endswith("\ufffd"):
-                out.write(text[len(shown):])
-                out.flush()
+                print(text[len(shown):], end="", file=out, flush=True)
                 shown = text
-        text = self.tokenizer.decode(new)
         out.write(text[len(shown):] + "\n")
         self.history.append({"role": "assistant", "content": text})
         return text

@@ -1,8 +1,7 @@
 """Hugging Face checkpoints in and out: config.json mapping, safetensors load and save, Hub download.
 
-The model fuses q/k/v and the SwiGLU gate/up projections (see model.py); the files keep HF's
-separate tensors. tensor_plan below is the one place where the two namings meet, used in both
-directions. Weights are read from safetensors only: nothing is ever unpickled."""
+The model fuses q/k/v and the SwiGLU gate/up projections (see model.py); the files keep HF's separate tensors.
+tensor_plan is the one place the two namings meet, both ways. Only safetensors are read: nothing is ever unpickled."""
 
 import itertools
 import json
@@ -48,8 +47,7 @@ CONFIG_KEYS = {
     **dict.fromkeys(["use_sliding_window", "tie_word_embeddings", "attention_bias", "mlp_bias",
                      "use_parallel_residual"], FLAG),
     **dict.fromkeys(["rope_parameters", "rope_scaling", "id2label"], OBJECT),
-    "hidden_act": TEXT, "eos_token_id": TOKEN_IDS, "bos_token_id": COUNT, "pad_token_id": COUNT,
-}
+    "hidden_act": TEXT, "eos_token_id": TOKEN_IDS, "bos_token_id": COUNT, "pad_token_id": COUNT}
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
@@ -132,8 +130,7 @@ def language_model_config(hf: dict) -> dict:
 def tensor_plan(hf: dict, cfg: ModelConfig) -> dict[str, list[str]]:
     """minidpo parameter name -> the HF tensor names it is made of (concatenated along dim 0). GPT-NeoX's
     query_key_value is interleaved per head (neox_qkv reorders it); only its LayerNorms have a bias."""
-    family = FAMILIES[hf["architectures"][0]]
-    names = HF_NAMES.get(family, LLAMA_NAMES)
+    names = HF_NAMES.get(FAMILIES[hf["architectures"][0]], LLAMA_NAMES)
     classifier = cfg.num_labels > 0
     plan = {}
 
@@ -164,8 +161,7 @@ NORMS = {
     "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
     "sandwich": {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
                  "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
-    "post": {"attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
-}
+    "post": {"attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}}
 # HF's names of our other tensors (in a layer: after "{layers}.{i}."), Llama's and those that differ.
 # The lists are what our fused q/k/v and gate/up are made of; Phi-3 stores them fused already.
 LLAMA_NAMES = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head", "layers": "model.layers",
@@ -176,8 +172,7 @@ HF_NAMES = {
     "phi3": LLAMA_NAMES | {"attn.qkv": ["self_attn.qkv_proj"], "mlp.up": ["mlp.gate_up_proj"]},
     "gpt_neox": {"embed": "gpt_neox.embed_in", "norm": "gpt_neox.final_layer_norm", "lm_head": "embed_out",
                  "layers": "gpt_neox.layers", "attn.qkv": ["attention.query_key_value"],
-                 "attn.out": ["attention.dense"], "mlp.up": ["mlp.dense_h_to_4h"], "mlp.down": ["mlp.dense_4h_to_h"]},
-}
+                 "attn.out": ["attention.dense"], "mlp.up": ["mlp.dense_h_to_4h"], "mlp.down": ["mlp.dense_4h_to_h"]}}
 
 
 def stored_name(name: str, stored) -> str:
@@ -276,8 +271,7 @@ class SafetensorsFile:
                 dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
                 if dtype is None:
                     raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
-                begin, end = entry["data_offsets"]
-                shape = tuple(entry["shape"])
+                (begin, end), shape = entry["data_offsets"], tuple(entry["shape"])
                 nbytes = math.prod(shape) * dtype.itemsize
                 if min([begin, *shape]) < 0 or end - begin != nbytes or self.data_start + end > size:
                     raise ValueError(f"tensor {name}'s bytes [{begin}, {end}) do not fit its shape {shape} "
@@ -314,8 +308,7 @@ def load_model(name_or_path: str, dtype=None, device=None, num_labels: int | Non
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'} has no {e.args[0]!r}") from None
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
-    readers = [SafetensorsFile(f) for f in safetensors_files(path)]
-    where = {name: r for r in readers for name in r.entries}
+    where = {name: r for r in map(SafetensorsFile, safetensors_files(path)) for name in r.entries}
     # Before anything is built: a config.json claiming millions of layers would take minutes to
     # build even on the meta device. Every other size is checked against its tensor's shape below.
     layers = {int(m.group(1)) for name in where if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name))}
@@ -379,8 +372,7 @@ def hf_state_dict(state: dict, cfg: ModelConfig, hf: dict) -> dict[str, torch.Te
     for ours, theirs in tensor_plan(hf, cfg).items():
         tensor = neox_qkv(state[ours], cfg.num_heads, to_hf=True) if is_neox_qkv(hf, ours) else state[ours]
         sizes = split_sizes(cfg, ours) if len(theirs) > 1 else [tensor.shape[0]]
-        for name, part in zip(theirs, tensor.split(sizes)):
-            out[name] = part.contiguous()
+        out |= {name: part.contiguous() for name, part in zip(theirs, tensor.split(sizes))}
     return out
 
 
@@ -422,13 +414,11 @@ def write_pretrained(state: dict, cfg: ModelConfig, out_dir: Path, tokenizer=Non
 
 def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
     """model.safetensors, or shards of at most max_shard_bytes (a larger tensor alone) and their index."""
-    shards, size = [{}], 0
+    shards = [{}]
     for name, t in tensors.items():
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
+        if shards[-1] and sum(s.nbytes for s in shards[-1].values()) + t.nbytes > max_shard_bytes:
             shards.append({})
-            size = 0
         shards[-1][name] = t
-        size += t.nbytes
     n = len(shards)
     filenames = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
     for filename, shard in zip(filenames, shards):

@@ -12,6 +12,7 @@ that is down ends it (OpenAIJudge's JudgeError) rather than train on nothing. Ju
 (prompt_text); only the reward model renders a conversation with its chat template: the text it learned to score."""
 
 import concurrent.futures
+import contextlib
 import http.client
 import importlib.util
 import itertools
@@ -232,15 +233,13 @@ class LLMJudge(Pretrained, PairwiseJudge):
     @torch.inference_mode()
     def label_logprobs(self, prompts, completion_pairs) -> torch.Tensor:
         """[N, 2]: log-probs of the two labels as the answer's first token, pairs in the order given."""
-        texts = [self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": comparison(p, a, b, self.instruction, self.labels)}],
-            add_generation_prompt=True) for p, (a, b) in zip(prompts, completion_pairs)]
+        conversations = [[{"role": "user", "content": comparison(p, a, b, self.instruction, self.labels)}]
+                         for p, (a, b) in zip(prompts, completion_pairs)]
         device = next(self.model.parameters()).device
         out = []
-        for start in range(0, len(texts), self.batch_size):
+        for start in range(0, len(conversations), self.batch_size):
             # Left padding puts every row's last token in the last column, the one logits_to_keep=1 keeps.
-            ids, mask = self.tokenizer(texts[start:start + self.batch_size], padding_side="left",
-                                       add_special_tokens=False)
+            ids, mask = self.tokenizer.encode_rows(conversations[start:start + self.batch_size], padding_side="left")
             logits = self.model(ids.to(device), mask.to(device), logits_to_keep=1)[:, -1].float()
             out.append(logits.log_softmax(-1)[:, self.label_ids])
         return torch.cat(out).cpu()
@@ -262,8 +261,7 @@ class LLMJudge(Pretrained, PairwiseJudge):
         else:
             logprobs = self.label_logprobs(prompts, completion_pairs)
             preference = logprobs[:, 0] - logprobs[:, 1]
-        verdicts = [-1 if abs(s) <= self.margin else int(s < 0) for s in preference.tolist()]
-        return unshuffle(verdicts, swapped)
+        return unshuffle([-1 if abs(s) <= self.margin else int(s < 0) for s in preference.tolist()], swapped)
 
 
 class OpenAIJudge(PairwiseJudge):
@@ -325,10 +323,8 @@ class OpenAIJudge(PairwiseJudge):
 
         def shut():
             for sock in sockets:
-                try:
+                with contextlib.suppress(OSError):  # closed already
                     sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read: it ends at once
-                except OSError:  # closed already
-                    pass
 
         watchdog, start = threading.Timer(self.timeout, shut), time.monotonic()
         watchdog.start()

@@ -1,10 +1,9 @@
 """Log-probabilities of given tokens straight from the last hidden states, a few rows at a time.
 
-DPO needs only log p(target) at each completion position, one number per token, but the usual
-route goes through the full logits [rows, vocab] in fp32, their gradient of the same size, and a
-softmax of the same size again in backward: with SmolLM2's 49152-token vocabulary that is 200 KB
-per token, several times what all 30 layers keep for it. Here the output projection and the
-log-softmax are one step, done a chunk of rows at a time in forward and again in backward:
+DPO needs only log p(target) at each completion position, one number per token, but the usual route goes through the
+full logits [rows, vocab] in fp32, their gradient of the same size, and a softmax of the same size again in backward:
+with SmolLM2's 49152-token vocabulary that is 200 KB per token, several times what all 30 layers keep for it. Here the
+output projection and the log-softmax are one step, done a chunk of rows at a time in forward and again in backward:
 
     logits = h W^T          log p(t) = logits[t] - logsumexp(logits)
     dL/dlogits = g (onehot(t) - softmax(logits))
@@ -45,28 +44,24 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        with torch.autocast(**ctx.autocast):
-            return _TokenLogprobs.chunked_backward(ctx, grad)
-
-    @staticmethod
-    def chunked_backward(ctx, grad):
         hidden, weight, targets, lse = ctx.saved_tensors
         grad = grad.reshape(-1)
         grad_hidden, grad_weight = torch.empty_like(hidden), None
-        for i in range(0, len(hidden), ctx.rows):
-            h, g = hidden[i : i + ctx.rows], grad[i : i + ctx.rows, None]
-            # In place, one [rows, vocab] fp32 buffer: softmax, times -g, plus g at the target.
-            logits = softcap(linear(h, weight), ctx.cap).float()
-            through_tanh = 1 - (logits / ctx.cap).square() if ctx.cap else None  # d capped / d z
-            grad_logits = logits.sub_(lse[i : i + ctx.rows, None]).exp_().mul_(-g)
-            grad_logits.scatter_add_(-1, targets[i : i + ctx.rows, None], g)
-            if through_tanh is not None:
-                grad_logits.mul_(through_tanh)
-            grad_logits = grad_logits.to(h.dtype)
-            grad_hidden[i : i + ctx.rows] = linear(grad_logits, weight.t())
-            if ctx.needs_input_grad[1]:
-                part = linear(grad_logits.t(), h.t()).to(weight.dtype)  # [vocab, hidden]
-                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        with torch.autocast(**ctx.autocast):
+            for i in range(0, len(hidden), ctx.rows):
+                h, g = hidden[i : i + ctx.rows], grad[i : i + ctx.rows, None]
+                # In place, one [rows, vocab] fp32 buffer: softmax, times -g, plus g at the target.
+                logits = softcap(linear(h, weight), ctx.cap).float()
+                through_tanh = 1 - (logits / ctx.cap).square() if ctx.cap else None  # d capped / d z
+                grad_logits = logits.sub_(lse[i : i + ctx.rows, None]).exp_().mul_(-g)
+                grad_logits.scatter_add_(-1, targets[i : i + ctx.rows, None], g)
+                if through_tanh is not None:
+                    grad_logits.mul_(through_tanh)
+                grad_logits = grad_logits.to(h.dtype)
+                grad_hidden[i : i + ctx.rows] = linear(grad_logits, weight.t())
+                if ctx.needs_input_grad[1]:
+                    part = linear(grad_logits.t(), h.t()).to(weight.dtype)  # [vocab, hidden]
+                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
         return grad_hidden, grad_weight, None, None, None
 
 
@@ -81,9 +76,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     the output embedding `weight` [vocab, hidden] and targets [...] (valid token ids everywhere:
     put the pad id at padding and mask those positions afterwards).
 
-    Rows go chunk_bytes of fp32 logits at a time (at least one row): beyond what it is given and
-    returns, it holds one chunk's logits, and in backward also the weight's gradient. cap:
-    Gemma 2's final-logit soft-cap (None: none)."""
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    Rows go chunk_bytes of fp32 logits at a time (at least one row): beyond what it is given and returns, it holds one
+    chunk's logits, and in backward also the weight's gradient. cap: Gemma 2's final-logit soft-cap (None: none)."""
     rows = max(1, chunk_bytes // (weight.shape[0] * 4))
-    return _TokenLogprobs.apply(flat_hidden, weight, targets, rows, cap)
+    return _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, rows, cap)

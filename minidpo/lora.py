@@ -163,8 +163,7 @@ def adapter_names(model: Transformer):
 
 def peft_tensors(state: dict, model: Transformer) -> dict[str, torch.Tensor]:
     """The adapter tensors of a minidpo state dict (e.g. full_state_dict's) under PEFT's names."""
-    heads = model.cfg.num_heads
-    return {peft: (neox_qkv(state[ours], heads, to_hf=True) if neox else state[ours]).contiguous()
+    return {peft: (neox_qkv(state[ours], model.cfg.num_heads, to_hf=True) if neox else state[ours]).contiguous()
             for ours, peft, neox in adapter_names(model)}
 
 

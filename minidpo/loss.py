@@ -36,16 +36,14 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
         losses = torch.relu(1 - beta * logits)
     else:  # sigmoid, simpo
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
-    if valid is None:
-        valid = torch.ones_like(losses, dtype=torch.bool)
+    valid = torch.ones_like(losses, dtype=torch.bool) if valid is None else valid
     return torch.where(valid, losses, 0.0).sum(), valid.sum().to(losses.dtype)
 
 
 def bradley_terry_loss(chosen_scores, rejected_scores):
     """(loss, accuracy, margin) of a reward model on pairs [B]; loss = mean -log sigma(r_c - r_r)."""
     margin = chosen_scores - rejected_scores
-    loss = -F.logsigmoid(margin).mean()
-    return loss, (margin > 0).float().mean().detach(), margin.mean().detach()
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean().detach(), margin.mean().detach()
 
 
 def online_dpo_metrics(logps, ref_logps, contain_eos, beta: float, valid=None, scores=None):
@@ -75,8 +73,7 @@ def online_dpo_metrics(logps, ref_logps, contain_eos, beta: float, valid=None, s
         "logps/rejected": over_pairs(seq_logps[:, 1]),
         "val/contain_eos_token": over_sequences(contain_eos.float()),
         # float64, so that the log reads beta 0.1 and not fp32's 0.10000000149011612
-        "beta": (torch.tensor(beta, dtype=torch.float64, device=device), torch.tensor(1.0, device=device)),
-    }
+        "beta": (torch.tensor(beta, dtype=torch.float64, device=device), torch.tensor(1.0, device=device))}
     if scores is not None:
         scores = scores.detach().float()
         metrics["objective/scores"] = over_sequences(scores)
@@ -95,8 +92,7 @@ def online_dpo_metrics(logps, ref_logps, contain_eos, beta: float, valid=None, s
         "rewards/chosen": over_pairs(chosen),
         "rewards/rejected": over_pairs(rejected),
         "rewards/margins": over_pairs(chosen - rejected),
-        "rewards/accuracies": over_pairs((chosen > rejected).float()),
-    }
+        "rewards/accuracies": over_pairs((chosen > rejected).float())}
     if scores is not None:
         metrics["objective/rlhf_reward"] = over_sequences(scores[:, :2] + non_score_reward)
     return metrics

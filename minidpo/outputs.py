@@ -46,8 +46,7 @@ DCP_METADATA_CLASSES = {
         "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")},
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-    ("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): PosixPath,
-}
+    ("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): PosixPath}
 TRAINER_STATE_KEYS = {"step": COUNT, "world_size": SIZE, "scheduler": OBJECT}
 
 

@@ -1,11 +1,10 @@
 """Scoring a prompt's completions in one row: the prompt once, then each completion.
 
-Online DPO scores each completion under the policy (with gradients), the reference and a reward
-model. One row per completion would compute every prompt token once per completion in each of
-those passes; prompts are often longer than completions, so a third or more of the work would be
-repeated. Instead each row is [prompt | completion 1 | ... | completion k] and the attention mask
-keeps the completions from seeing each other, so that each completion sees exactly what it would
-see in a row of its own (k = 2: the chosen and the rejected completion):
+Online DPO scores each completion under the policy (with gradients), the reference and a reward model. One row per
+completion would compute every prompt token once per completion in each of those passes; prompts are often longer
+than completions, so a third or more of the work would be repeated. Instead each row is
+[prompt | completion 1 | ... | completion k] and the attention mask keeps the completions from seeing each other, so
+that each completion sees exactly what it would see in a row of its own (k = 2: the chosen and the rejected completion):
 
     query \\ key   prompt   chosen   rejected
     prompt        causal     -         -
@@ -31,15 +30,13 @@ class Packed:
 
 
 def pack(prompt_ids, prompt_mask, completions) -> Packed:
-    """Rows [prompt | completion 1 | ... | completion k] from left-padded prompts [B, P] and
-    right-padded completions [B, k, C] (padding after EOS is never attended to by a real token:
-    it comes last)."""
+    """Rows [prompt | completion 1 | ... | completion k] from left-padded prompts [B, P] and right-padded completions
+    [B, k, C] (padding after EOS is never attended to by a real token: it comes last)."""
     B, P = prompt_ids.shape
     k, C = completions.shape[1:]
     device = prompt_ids.device
     steps = torch.arange(C, device=device)
-    prompt_len = prompt_mask.sum(1, keepdim=True)
-    completion_positions = (prompt_len + steps).repeat(1, k)  # [B, kC]
+    completion_positions = (prompt_mask.sum(1, keepdim=True) + steps).repeat(1, k)  # [B, kC]: after each prompt
     positions = torch.cat([(prompt_mask.cumsum(1) - 1).clamp(min=0), completion_positions], 1)
 
     # segment: 0 prompt, j the j-th completion. A query sees earlier keys of its own segment and

@@ -1,10 +1,9 @@
 """PairRM, llm-blender's pairwise reward model and the reference's default judge, in raw PyTorch.
 
-A DeBERTa-v2 encoder reads a prompt x and completions A, B in one row (right-padded, <= 2048 tokens),
-each segment tokenized on its own: [CLS] <|source|> x [SEP] [CLS] <|candidate1|> A [SEP] [CLS] <|candidate2|> B [SEP].
-The source is cut to 1224 tokens, each completion to 412 + (1224 - longest source of its group of
-8 prompts) // 2 (llm-blender's batches). With h the last hidden states at the three prefix tokens
-and head = Linear(2H -> H) -> tanh -> Linear(H -> 1):
+A DeBERTa-v2 encoder reads a prompt x and completions A, B in one row (right-padded, <= 2048 tokens), each segment
+tokenized on its own: [CLS] <|source|> x [SEP] [CLS] <|candidate1|> A [SEP] [CLS] <|candidate2|> B [SEP]. The source is
+cut to 1224 tokens, each completion to 412 + (1224 - longest source of its group of 8 prompts) // 2 (llm-blender's
+batches). With h the last hidden states at the three prefix tokens and head = Linear(2H -> H) -> tanh -> Linear(H -> 1):
 
     logit(A, B) = head([h_x; h_A]) - head([h_x; h_B])
     s = (logit(A, B) - logit(B, A)) / 2,    P(A better than B) = sigmoid(2 s / temperature)
@@ -244,11 +243,9 @@ class PairRMJudge(PairwiseJudge):
         limit = self.candidate_max_length + (self.source_max_length - max(map(len, sources))) // 2
         bodies = [[self.segment(CANDIDATE, c, limit)[2:] for c in pair] for pair in completion_pairs]  # text + [SEP]
         cls, rows, positions = self.ids["[CLS]"], [], []
-        for order in ((0, 1), (1, 0)):
-            for source, pair in zip(sources, bodies):
-                first, second = pair[order[0]], pair[order[1]]
-                rows.append(source + [cls, self.ids[CANDIDATE1]] + first + [cls, self.ids[CANDIDATE2]] + second)
-                positions.append([1, len(source) + 1, len(source) + len(first) + 3])
+        for source, (first, second) in [*zip(sources, bodies), *zip(sources, [pair[::-1] for pair in bodies])]:
+            rows.append(source + [cls, self.ids[CANDIDATE1]] + first + [cls, self.ids[CANDIDATE2]] + second)
+            positions.append([1, len(source) + 1, len(source) + len(first) + 3])
         ids = pad_sequence([torch.tensor(row) for row in rows], batch_first=True, padding_value=self.ids["[PAD]"])
         mask = pad_sequence([torch.ones(len(row), dtype=torch.long) for row in rows], batch_first=True)
         return ids, mask, torch.tensor(positions)

@@ -5,6 +5,7 @@ BOS/EOS: given a tokenizer.json, transformers 5 ignores `add_bos_token` / `add_e
 keeps the stored post-processor (Llama included): `encode` is the plain `tokenizers` encode; those keys go unread."""
 
 import functools
+import itertools
 import json
 import re
 import sys
@@ -145,20 +146,17 @@ def _compile(template: str) -> jinja2.Template:
     format_filter = env.filters["format"]
     env.filters["format"] = lambda fmt, *args, **kwargs: format_filter(_check_format(fmt, args), *args, **kwargs)
     env.filters = {name: _bounded(f) for name, f in env.filters.items()}
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals |= {"raise_exception": _raise_exception, "strftime_now": lambda fmt: datetime.now().strftime(fmt)}
     return env.from_string(template)
 
 
 def _render(template: jinja2.Template, **variables) -> str:
     """template.render within MAX_TEMPLATE_STEPS lines of template code: the one time bound covering every loop
     and recursion. Jinja compiles templates to Python in frames named <template>; only those are traced."""
-    steps = 0
+    steps = itertools.count(1)
 
     def count(frame, event, arg):
-        nonlocal steps
-        steps += 1
-        if steps > MAX_TEMPLATE_STEPS:
+        if next(steps) > MAX_TEMPLATE_STEPS:
             raise TemplateLimit(f"it ran more than {MAX_TEMPLATE_STEPS} steps")
         return count
 
@@ -331,7 +329,6 @@ class Tokenizer:
         config = {k: getattr(self, k) for k in SPECIAL_TOKENS if getattr(self, k) is not None}
         # Without a class name AutoTokenizer may guess one from a config.json next to it (e.g. Qwen2Tokenizer),
         # and those classes rebuild the pre-tokenizer instead of loading tokenizer.json as it is.
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        write_json(path / "tokenizer_config.json", config)
+        write_json(path / "tokenizer_config.json", config | {"tokenizer_class": "PreTrainedTokenizerFast"})
         if self.chat_template is not None:
             (path / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")

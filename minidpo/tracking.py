@@ -44,8 +44,7 @@ class Tracker:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl, self.completions = output_dir / "metrics.jsonl", output_dir / "completions.jsonl"
-        # A fresh run starts fresh logs. A resumed one keeps what was logged up to its checkpoint and
-        # drops the rest, which the run is about to log again.
+        # A fresh run starts fresh logs; a resumed one keeps those up to its checkpoint, the rest to be logged again.
         for log in (self.jsonl, self.completions):
             log.write_text("".join(logged_up_to(log, resume_step)))
         run_name = cfg.run_name or output_dir.name
@@ -104,8 +103,7 @@ SHOWN = ("loss", "objective/scores", "rewards/margins", "rewards/accuracies", "o
 
 def progress_line(step: int, total: int, elapsed: float, metrics: dict) -> str:
     """`[####......] 12/40 2m03s | loss 0.69 | ...`: a progress bar and the headline metrics."""
-    done = int(20 * step / total)
-    bar = "#" * done + "." * (20 - done)
+    bar = ("#" * int(20 * step / total)).ljust(20, ".")
     minutes, seconds = divmod(int(elapsed), 60)
     parts = [f"[{bar}] {step}/{total} {minutes}m{seconds:02d}s"]
     parts += [f"{name.split('/')[-1]} {metrics[name]:.4g}" for name in SHOWN if name in metrics]
