@@ -91,8 +91,8 @@ def cold_copies(weight, reordered: bool) -> list:
     size = weight.numel() * weight.element_size()
     if size >= CACHE_BYTES:  # in reusing_weights(), _onednn reorders a parameter itself, once
         return [weight]
-    copies = [weight.detach().clone() for _ in range(min(CACHE_BYTES // size + 2, MAX_CALLS + 1))]  # strides kept
-    return [_reorder(copy) for copy in copies] if reordered else copies
+    copies = (weight.detach().clone() for _ in range(min(CACHE_BYTES // size + 2, MAX_CALLS + 1)))  # strides kept
+    return [_reorder(copy) if reordered else copy for copy in copies]  # one plain copy at a time to reorder
 
 
 def faster(x, weight, bias) -> str:
