@@ -16,8 +16,9 @@ memory (VmHWM, the process's resident high-water mark: both models, AdamW state,
 the libraries it imports) is its own. Each subprocess takes one warm-up step, then --steps timed
 steps; --rounds alternates the two sides that many times, and the table gives medians over all
 timed steps. Each side's step is split by wrapping its own functions: generation (its forward
-passes included), scoring (reward), the policy's and the reference's log-prob passes, and the
-AdamW step; the rest is decoding and tokenising, the loss, backward and clipping.
+passes included), scoring (reward), the policy's and the reference's log-prob passes, backward
+(torch.Tensor.backward), the gradient-norm clipping (torch.nn.utils.clip_grad_norm_, which both
+call) and the AdamW step; the rest is decoding and tokenising, the loss and the metrics.
 
 --peft trains LoRA adapters on both sides (r 16, alpha 32, dropout 0.05, PEFT's default targets
 q_proj and v_proj; TRL through peft.LoraConfig, minidpo through --use_peft), each taking its
@@ -133,7 +134,14 @@ def peaks():
     return {"peak_mb": kb / 1024, "gpu_peak_mb": gpu}
 
 
-PARTS = ("generate", "score", "policy_forward", "reference_forward", "optimizer")
+PARTS = ("generate", "score", "policy_forward", "reference_forward", "backward", "clip", "optimizer")
+
+
+def time_backward_and_clipping(parts, busy):
+    """Both sides call these two through the torch module's attributes: wrap them there."""
+    import torch
+    torch.Tensor.backward = timing(parts, "backward", torch.Tensor.backward, busy)
+    torch.nn.utils.clip_grad_norm_ = timing(parts, "clip", torch.nn.utils.clip_grad_norm_, busy)
 
 
 def parse_args():
@@ -200,6 +208,7 @@ def run_minidpo(args, workdir):
     else:
         trainer.reference.forward = timing(parts, "reference_forward", trainer.reference.forward, busy)
     trainer.optimizer.step = timing(parts, "optimizer", trainer.optimizer.step, busy)
+    time_backward_and_clipping(parts, busy)
     batches = trainer.micro_batches()
     steps, breakdown = [], []
     for i in range(args.steps + 1):
@@ -296,6 +305,7 @@ def run_trl(args, workdir):
     trainer._forward = lambda model, *a, **kw: timed_forward[
         "reference_forward" if model is trainer.ref_model or in_reference[0] else "policy_forward"](model, *a, **kw)
     torch.optim.AdamW.step = timing(parts, "optimizer", torch.optim.AdamW.step, busy)  # created inside train()
+    time_backward_and_clipping(parts, busy)
     trainer.train()
     assert len(times.steps) == args.steps + 1, times.steps
     return {"steps": times.steps[1:], "breakdown": times.breakdown[1:], "tokens": tokens[1:],
