@@ -77,12 +77,8 @@ class ModelConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
 
-
     def is_local(self, layer: int) -> bool:
         return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
-
-    def is_sliding(self, layer: int) -> bool:
-        return self.sliding_window is not None and self.is_local(layer)
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
@@ -124,9 +120,7 @@ def recompute_in_backward(fn, x):
     activation: elementwise steps that take a few percent of a step's time but whose intermediate
     results (a norm keeps two copies of its input, SwiGLU one of half its input) are about a
     quarter of the activations a training forward pass keeps."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return checkpoint(fn, x, use_reentrant=False)
-    return fn(x)
+    return checkpoint(fn, x, use_reentrant=False) if torch.is_grad_enabled() and x.requires_grad else fn(x)
 
 
 class Linear(nn.Linear):
@@ -230,9 +224,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.up(x)
-        if self.gated:
-            return self.down(recompute_in_backward(self.gated_activation, h))
-        return self.down(self.act(h))
+        return self.down(recompute_in_backward(self.gated_activation, h) if self.gated else self.act(h))
 
     def gated_activation(self, h):
         gate, up = h.chunk(2, dim=-1)
@@ -347,7 +339,7 @@ class Transformer(nn.Module):
             cos, sin = local_rope if self.cfg.local_rope_theta is not None and self.cfg.is_local(i) else rope
             if self.cfg.rope_layers is not None and not self.cfg.rope_layers[i]:
                 cos = sin = None
-            layer_mask = sliding_mask if self.cfg.is_sliding(i) else mask
+            layer_mask = sliding_mask if self.cfg.sliding_window is not None and self.cfg.is_local(i) else mask
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, layer_mask, kv, slots, use_reentrant=False)
             else:
