@@ -1,18 +1,16 @@
 """The decoder-only transformer behind every model minidpo loads.
 
-One module covers the Hugging Face families Llama (SmolLM2, TinyLlama, Llama 3), Qwen2, Qwen3,
-Mistral, Gemma 2 and 3, Phi-3, OLMo 2, SmolLM3 and GPT-NeoX (Pythia); their differences are the
-switches in ModelConfig. checkpoint.py maps each family's config.json and tensor names onto this module.
+One module covers the Hugging Face families Llama (SmolLM2, TinyLlama, Llama 3), Qwen2, Qwen3, Mistral, Gemma 2 and 3,
+Phi-3, OLMo 2, SmolLM3 and GPT-NeoX (Pythia); their differences are the switches in ModelConfig. checkpoint.py maps each
+family's config.json and tensor names onto this module.
 
 Three choices run through the file:
-- A token's rotary position is the number of real (unmasked) tokens before it. Left-padded prompts
-  therefore get the same positions as unpadded ones, and every row of a batch computes what it
-  would compute alone.
-- A sliding window is measured in those positions too: a query at position p sees keys at
-  positions p - window + 1 .. p. Left padding, the KV cache's columns and packed rows whose
-  positions restart (packing.py) all see the window a row alone would.
-- q/k/v are one matmul and so are the SwiGLU gate and up projections: fewer, larger kernels for
-  the sampler's small decode steps. checkpoint.py fuses and splits them at the file boundary."""
+- A token's rotary position is the number of real (unmasked) tokens before it. Left-padded prompts therefore get the
+  same positions as unpadded ones, and every row of a batch computes what it would compute alone.
+- A sliding window is measured in those positions too: a query at position p sees keys at positions p - window + 1 .. p.
+  Left padding, cache columns and packed rows whose positions restart (packing.py) all see the window a row alone would.
+- q/k/v are one matmul and so are the SwiGLU gate and up projections: fewer, larger kernels for the sampler's small
+  decode steps. checkpoint.py fuses and splits them at the file boundary."""
 
 from dataclasses import dataclass, field
 from functools import partial
@@ -92,9 +90,8 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
-        # Llama 3.1: wavelengths longer than the original context / low_freq_factor are slowed down
-        # by `factor`, those shorter than context / high_freq_factor are kept, and the band between
-        # is interpolated linearly in context/wavelength.
+        # Llama 3.1: wavelengths above the original context / low_freq_factor are slowed down by `factor`, those below
+        # context / high_freq_factor are kept, and the band between is interpolated linearly in context/wavelength.
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         context = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
@@ -116,10 +113,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def recompute_in_backward(fn, x):
-    """fn(x), keeping only x for backward and running fn again there. For the norms and the gated
-    activation: elementwise steps that take a few percent of a step's time but whose intermediate
-    results (a norm keeps two copies of its input, SwiGLU one of half its input) are about a
-    quarter of the activations a training forward pass keeps."""
+    """fn(x), keeping only x for backward and running fn again there. For the norms and the gated activation:
+    elementwise steps that take a few percent of a step's time but whose intermediate results (a norm keeps two copies
+    of its input, SwiGLU one of half its input) are about a quarter of the activations a training forward pass keeps."""
     return checkpoint(fn, x, use_reentrant=False) if torch.is_grad_enabled() and x.requires_grad else fn(x)
 
 
@@ -167,9 +163,8 @@ class Attention(nn.Module):
             self.k_norm = make_norm(cfg, cfg.head_dim if per_head else kv_dim)
 
     def forward(self, x, cos, sin, mask, kv=None, slots=None):
-        """x [B, T, hidden]; cos/sin None for a layer without rotary; mask [B, 1, group*T, S] bool
-        (fold_groups) or None for plain causal; kv: this layer's (keys, values) cache buffers
-        [B, kv_heads, S, head_dim], written at columns `slots`."""
+        """x [B, T, hidden]; cos/sin None in a layer without rotary; mask [B, 1, group*T, S] bool (fold_groups), None
+        for causal; kv: this layer's (keys, values) cache [B, kv_heads, S, head_dim], written at columns `slots`."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qk, v = self.qkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
@@ -181,8 +176,7 @@ class Attention(nn.Module):
                 q = self.q_norm(q.unflatten(-1, (H, D))).flatten(-2)
                 k = self.k_norm(k.unflatten(-1, (Hkv, D))).flatten(-2)
             qk = torch.cat((q, k), dim=-1)
-        # Queries and keys rotate together: one rotary pass of a few ops, not two (a decode step's
-        # time is largely per-op overhead).
+        # Queries and keys rotate together: one rotary pass, not two (a decode step's time is largely per-op overhead).
         qk = qk.unflatten(-1, (H + Hkv, D)).transpose(1, 2)  # [B, H + Hkv, T, D]
         if cos is not None:
             qk = apply_rope(qk, cos, sin)
@@ -256,10 +250,9 @@ def normed(norm, x):
 class KVCache:
     """Static key/value buffers for batched decoding, allocated once and reused.
 
-    Columns ("slots") are shared by all rows: a left-padded batch fills column j of every row in
-    the same step, so a decode step writes one column and a CUDA graph can replay it with only the
-    slot index changing. `valid` marks the columns that hold real tokens; padding columns stay
-    False and are masked out of attention."""
+    Columns ("slots") are shared by all rows: a left-padded batch fills column j of every row in the same step, so a
+    decode step writes one column and a CUDA graph can replay it with only the slot index changing. `valid` marks the
+    columns that hold real tokens; padding columns stay False and are masked out of attention."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device):
         shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -268,8 +261,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
 
     def view(self, rows: slice, columns: int | None = None) -> "KVCache":
-        """A view of some rows (e.g. the first R, or every n-th) and the first `columns` columns (None:
-        all): writes through it land in this cache."""
+        """A view into this cache: some rows (the first R, or every n-th), the first `columns` columns (None: all)."""
         view = object.__new__(KVCache)
         view.k = [k[rows, :, :columns] for k in self.k]
         view.v = [v[rows, :, :columns] for v in self.v]
@@ -300,10 +292,9 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab] (a reward model: [B, T, num_labels]).
 
         input_ids [B, T]; attention_mask [B, T] with 0 at padding (None: no padding).
-        With a cache, the T tokens are written at cache columns `slots` (a LongTensor [T]) and
-        attend to every valid earlier column. logits_to_keep: an int k > 0 projects only the last
-        k positions (the sampler needs one; the full [B, T, vocab] would dwarf the rest of a
-        prefill), a LongTensor [K] projects those positions of every row.
+        With a cache, the T tokens are written at cache columns `slots` (a LongTensor [T]) and attend to every valid
+        earlier column. logits_to_keep: an int k > 0 projects only the last k positions (the sampler needs one; the full
+        [B, T, vocab] would dwarf the rest of a prefill), a LongTensor [K] projects those positions of every row.
         A packed batch (packing.py) gives `positions` [B, T] and `block_mask` [B, T, T] (bool): which
         keys each query sees, in place of attention_mask. With targets [B, K] (K: the positions kept) it returns
         log p(targets) [B, K] in fp32 instead of logits, never holding them whole (logprobs.py)."""
@@ -367,9 +358,8 @@ class Transformer(nn.Module):
 
     @staticmethod
     def attention_mask(key_valid, query_slots):
-        """[B, 1, T, S]: query i (at column query_slots[i]) sees valid keys at columns <= its own.
-        A padding query sees only itself, so no row of the softmax is empty (which gives NaN);
-        its output is never used."""
+        """[B, 1, T, S]: query i (at column query_slots[i]) sees valid keys at columns <= its own. A padding query sees
+        only itself, so no row of the softmax is empty (which gives NaN); its output is never used."""
         key_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
         causal = key_slots[None, :] <= query_slots[:, None]
         itself = key_slots[None, :] == query_slots[:, None]
