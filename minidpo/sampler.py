@@ -181,16 +181,13 @@ class Sampler:
         """Yield one completion of one prompt (input_ids [1, P], no padding) token id by token id, as
         each is sampled: for a reply shown while it is written (the chat CLI). Stops after
         max_new_tokens or at an EOS, which is not yielded."""
-        device = self.model.embed.weight.device
-        prompt = input_ids.to(device)
+        prompt = input_ids.to(self.model.embed.weight.device)
         with self.no_autograd():
             self.reserve(1, prompt.shape[1] + max_new_tokens)
         for t in range(max_new_tokens):
             with self.no_autograd(), self.compute_dtype():
-                if t == 0:
-                    logits = self.prefill(prompt, torch.ones_like(prompt), 1)
-                else:
-                    logits = self.decode(token, prompt.shape[1] + t - 1)
+                logits = (self.prefill(prompt, torch.ones_like(prompt), 1) if t == 0
+                          else self.decode(token, prompt.shape[1] + t - 1))
                 token = sample(logits, temperature, top_k, top_p, min_p, generator)
             if token.item() in eos_token_ids:
                 return
@@ -246,11 +243,16 @@ class Sampler:
         # Forget the previous call. (Its columns would never be read anyway: a query sees only columns
         # up to its own, and this call rewrites those first. But an empty cache needs no such argument.)
         self.cache.valid.zero_()
-        # Prefill the first sample of each prompt (rows 0, n, 2n, ...), then copy it to the others.
+        # Prefill the first sample of each prompt (rows 0, n, 2n, ...), then copy its prompt columns over its
+        # n - 1 siblings' rows, so that a prompt's samples decode from identical caches.
         first_rows = self.cache.view(slice(0, prompts * n, n), prompt_len)
         slots = torch.arange(prompt_len, device=input_ids.device)
         logits = self.model(input_ids, attention_mask, cache=first_rows, slots=slots, logits_to_keep=1)
-        copy_to_siblings(self.cache, prompts, n, prompt_len)
+        for buf in self.cache.k + self.cache.v:  # [rows, kv_heads, columns, head_dim]
+            siblings = buf[: prompts * n, :, :prompt_len].unflatten(0, (prompts, n))
+            siblings[:, 1:] = siblings[:, :1]
+        siblings = self.cache.valid[: prompts * n, :prompt_len].unflatten(0, (prompts, n))
+        siblings[:, 1:] = siblings[:, :1]
         return logits[:, -1].repeat_interleave(n, 0)
 
     def reserve(self, rows: int, length: int):
@@ -294,18 +296,6 @@ class Sampler:
         graph.slot.fill_(column)
         graph.graph.replay()
         return graph.logits[:rows]
-
-
-def copy_to_siblings(cache: KVCache, prompts: int, n: int, prompt_len: int):
-    """Copy each prompt's prefilled row (rows 0, n, 2n, ...) over its n-1 sibling rows, prompt
-    columns only: the samples of one prompt then decode from identical caches."""
-    if n == 1:
-        return
-    for buf in cache.k + cache.v:  # [rows, kv_heads, columns, head_dim]
-        groups = buf[: prompts * n, :, :prompt_len].unflatten(0, (prompts, n))
-        groups[:, 1:] = groups[:, :1]
-    groups = cache.valid[: prompts * n, :prompt_len].unflatten(0, (prompts, n))
-    groups[:, 1:] = groups[:, :1]
 
 
 def generate(model: Transformer, input_ids, attention_mask, **kwargs) -> Completions:
