@@ -1,17 +1,14 @@
 """Sampling completions from the policy: static KV cache, one prefill per prompt, CUDA-graph decode.
 
-Online DPO samples n (usually 2) completions per prompt from the weights being trained, at every
-step, so generation is most of a step's time. What keeps it fast:
-- The KV cache is allocated once and reused by every call; it only grows. Without graphs a step
-  attends over the columns written so far, not the whole cache.
+Online DPO samples n (usually 2) completions per prompt from the weights being trained, at every step, so
+generation is most of a step's time. What keeps it fast:
+- The KV cache is allocated once and reused by every call; it only grows.
 - A prompt is prefilled once; its n samples copy its keys and values instead of recomputing them.
-- On CPU each weight is copied into oneDNN's blocked layout once per call, not at every step, into
-  memory the previous call freed (cpu.py).
-- On CUDA the one-token decode step is a captured CUDA graph: one launch per step instead of
-  hundreds of small kernels. The optimizer updates the weights in place, so a graph captured at the
-  first training step still reads the current weights at the last one.
-- Sampling draws one random number per row, and the decode loop only waits for the device to ask
-  whether every row has finished."""
+- On CPU each weight is copied into oneDNN's blocked layout once per call, into memory the previous call freed (cpu.py).
+- On CUDA the one-token decode step is a captured CUDA graph: one launch per step instead of hundreds of small
+  kernels, still valid after the optimizer's in-place updates (Sampler).
+- Sampling draws one random number per row, and the decode loop waits for the device only to ask whether every
+  row has finished."""
 
 from dataclasses import dataclass
 import bisect
@@ -119,13 +116,12 @@ class DecodeGraph:
 class Sampler:
     """Generates from `model`, keeping its KV cache and CUDA graphs from one call to the next.
 
-    Keep one Sampler per model for the whole run. Graphs read the weights at the addresses they had
-    at capture: in-place optimizer updates need no recapture, a replaced weight tensor (a checkpoint
-    loaded with assign=True, the model moved, FSDP2's fresh storage at every gather) does. Under
-    FSDP2 that is once per rollout; on an H100 (Qwen2-0.5B shape, 16 rows x 64 tokens) a rollout
-    took 0.37 s recapturing and 0.27 s with graphs kept, still far below eager decoding.
-    `dtype`: what the gathered weights compute in (the trainer passes bf16 under --bf16), since the
-    sharded weights read fp32; the KV cache is allocated in it."""
+    Keep one Sampler per model for the whole run. Graphs read the weights at the addresses they had at capture: in-place
+    optimizer updates need no recapture, a replaced weight tensor (a checkpoint loaded with assign=True, the model
+    moved, FSDP2's fresh storage at every gather) does. Under FSDP2 that is once per rollout; on an H100 (Qwen2-0.5B
+    shape, 16 rows x 64 tokens) a rollout took 0.37 s recapturing and 0.27 s with graphs kept, still far below eager
+    decoding. `dtype`: what the gathered weights compute in (the trainer passes bf16 under --bf16), since the sharded
+    weights read fp32; the KV cache is allocated in it."""
 
     def __init__(self, model: Transformer, cuda_graphs: bool = True, compile: bool = False, dtype=None):
         self.model = model
@@ -133,11 +129,10 @@ class Sampler:
         # tokens on a Zen 3 EPYC: 70,000-90,000 page faults a call without, none with.
         if model.embed.weight.device.type == "cpu":
             keep_freed_memory()
-        # Compute in `dtype` (e.g. bf16 for fp32 weights under --bf16) through autocast. Its weight
-        # cache (a bf16 copy of each weight, kept until the autocast block ends) is off with CUDA
-        # graphs: the copy would be baked into a graph and miss optimizer updates. Without graphs it
-        # is on, so a weight is cast once per generate() call instead of once per token. (On CPU the
-        # linear layers bypass it: cpu.reusing_weights casts and reorders each weight once itself.)
+        # Compute in `dtype` (e.g. bf16 for fp32 weights under --bf16) through autocast. Its weight cache (a bf16 copy
+        # of each weight, kept until the autocast block ends) is off with CUDA graphs: the copy would be baked into a
+        # graph and miss optimizer updates. Without graphs it is on, so a weight is cast once per generate() call, not
+        # once per token. (CPU linears bypass it: cpu.reusing_weights casts and reorders each weight once itself.)
         self.dtype = dtype or model.embed.weight.dtype
         self.autocast = self.dtype != model.embed.weight.dtype
         self.use_graphs = cuda_graphs and model.embed.weight.is_cuda
@@ -155,14 +150,12 @@ class Sampler:
                  repetition_penalty=1.0, stop_strings=(), decode=None) -> Completions:
         """n completions for each left-padded prompt of input_ids / attention_mask [B, P].
 
-        Stops at max_new_tokens, or as soon as every row has produced one of eos_token_ids (never
-        before min_new_tokens: EOS is suppressed until then). A row also ends with the token that
-        completes one of stop_strings in its text (`decode`: ids -> text), cut after the loop.
-        `generator` must be on the model's device."""
+        Stops at max_new_tokens, or as soon as every row has produced one of eos_token_ids (never before min_new_tokens:
+        EOS is suppressed until then). A row also ends with the token that completes one of stop_strings in its text
+        (`decode`: ids -> text), cut after the loop. `generator` must be on the model's device."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         device = self.model.embed.weight.device
-        # On CPU, oneDNN's weight copies are made once (cpu.py).
         with self.no_autograd(), self.compute_dtype(), reusing_weights():
             ids, is_eos = self._generate(input_ids.to(device), attention_mask.to(device), n, max_new_tokens,
                                          temperature, top_k, top_p, min_p, eos_token_ids, pad_token_id,
@@ -178,9 +171,8 @@ class Sampler:
 
     def stream(self, input_ids, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                eos_token_ids=(), generator=None):
-        """Yield one completion of one prompt (input_ids [1, P], no padding) token id by token id, as
-        each is sampled: for a reply shown while it is written (the chat CLI). Stops after
-        max_new_tokens or at an EOS, which is not yielded."""
+        """Yield one completion of one prompt (input_ids [1, P], no padding) token id by token id, as each is sampled:
+        for a reply shown as it is written (the chat CLI). Stops after max_new_tokens or at an EOS (not yielded)."""
         prompt = input_ids.to(self.model.embed.weight.device)
         with self.no_autograd():
             self.reserve(1, prompt.shape[1] + max_new_tokens)
