@@ -267,9 +267,7 @@ class Trainer:
                       logits_to_keep=packed.predicting, targets=packed.targets)  # log-probs, never the full logits
         with self.autocast:
             # The reference first: its passing tensors are freed before the policy's activations pile up.
-            ref_seq = None
-            if cfg.loss_type != "simpo":
-                ref_seq = (self.reference_logps(inputs).view(B, 2, C) * mask).sum(-1)
+            ref_seq = None if cfg.loss_type == "simpo" else (self.reference_logps(inputs).view(B, 2, C) * mask).sum(-1)
             logps = self.policy(**inputs)
         # [B, 2C] token log-probs (chosen | rejected) -> [B, 2] sums over each completion's tokens
         seq = (logps.view(B, 2, C) * mask).sum(-1)
@@ -285,11 +283,10 @@ class Trainer:
         (loss_sum / pairs).backward()
 
         one = torch.tensor(1.0, device=ids.device)
-        metrics = online_dpo_metrics(seq, ref_seq, rollout.has_eos, rollout.beta, rollout.decided, rollout.scores)
-        metrics["loss"] = (loss_sum.detach(), rollout.decided.sum().float())
-        metrics["judge/undecided"] = ((~rollout.decided).float().sum(), one * B)
-        metrics["completions/tokens"] = (mask.sum().float(), one)  # of the two scored completions
-        return metrics
+        return online_dpo_metrics(seq, ref_seq, rollout.has_eos, rollout.beta, rollout.decided, rollout.scores) | {
+            "loss": (loss_sum.detach(), rollout.decided.sum().float()),
+            "judge/undecided": ((~rollout.decided).float().sum(), one * B),
+            "completions/tokens": (mask.sum().float(), one)}  # of the two scored completions
 
     @torch.no_grad()
     def reference_logps(self, inputs: dict) -> torch.Tensor:
@@ -320,13 +317,11 @@ class Trainer:
 
     def log_completions(self, prompts: list, rollout: Rollout):
         texts = self.tokenizer.batch_decode(rollout.completion_ids.flatten(0, 1).tolist())
-        rows = []
-        for b, prompt in enumerate(prompts):
-            row = {"prompt": self.tokenizer.render(prompt), "chosen": texts[2 * b], "rejected": texts[2 * b + 1],
-                   "decided": bool(rollout.decided[b])}
-            if rollout.scores is not None:
-                row |= {"chosen_score": rollout.scores[b, 0].item(), "rejected_score": rollout.scores[b, 1].item()}
-            rows.append(row)
+        rows = [{"prompt": self.tokenizer.render(p), "chosen": chosen, "rejected": rejected, "decided": decided}
+                for p, chosen, rejected, decided in zip(prompts, texts[::2], texts[1::2], rollout.decided.tolist())]
+        if rollout.scores is not None:
+            for row, (chosen, rejected) in zip(rows, rollout.scores[:, :2].tolist()):
+                row |= {"chosen_score": chosen, "rejected_score": rejected}
         self.tracker.log_completions(self.step + 1, rows)
 
     def log(self, window: Metrics, last: dict, seconds: float):
