@@ -3,23 +3,20 @@
 Read one optimizer step top to bottom, in this file:
 
     train_step   collect, then learn:
-      rollout      for each micro-batch, under one gather of the policy's weights: render and
-                   tokenize the prompts, sample 2 completions per prompt from the current weights,
-                   and decide which is chosen (a judge, or reward-model / reward-function scores
-                   minus missing_eos_penalty). The result is a Rollout, in one row layout.
+      rollout      for each micro-batch, under one gather of the policy's weights: render and tokenize the
+                   prompts, sample --num_generations completions per prompt from the current weights and pick
+                   the chosen and the rejected (a judge, or reward scores minus missing_eos_penalty): a Rollout.
       (count)      the decided pairs of the whole step, over all micro-batches and ranks, once.
-      learn        for each micro-batch: log-probs of both completions under the policy (with
-                   grad) and the frozen reference, the DPO (sigmoid) or IPO loss summed over the
-                   decided pairs and divided by the step's count, backward.
+      learn        for each micro-batch: log-probs of both completions under the policy (with grad) and the
+                   reference, the loss summed over the decided pairs, divided by the step's count, backward.
       update       clip the gradient norm, step AdamW and the learning-rate schedule.
 
-No weight changes between the micro-batches of a step, so collecting every rollout first changes no
-result; it makes the loss the step's mean over its decided pairs with one division and no rescale.
+No weight changes between the micro-batches of a step, so collecting every rollout first changes no result; it
+makes the loss the step's mean over its decided pairs with one division and no rescale.
 
-Written for torchrun from the start: each rank trains on its own shard of the prompts with its
-own sampling seed, gradients are summed over ranks (FSDP's divide factor is 1: the loss is already
-divided by the step's count over all ranks), and metrics travel as (sum, count) pairs.
-Checkpoints and the final model: outputs.py. Reward-model training shares this loop: reward_trainer.py."""
+Written for torchrun: each rank trains on its own shard of the prompts with its own sampling seed, gradients are summed
+over ranks (FSDP's divide factor is 1: the loss is divided by the step's count) and metrics travel as (sum, count)
+pairs. Checkpoints and the final model: outputs.py. Reward-model training shares this loop: reward_trainer.py."""
 
 import math
 import sys
@@ -96,8 +93,7 @@ class Trainer:
         self.data = PromptSampler(rows, cfg.per_device_train_batch_size, self.dist.rank, self.dist.world_size,
                                   cfg.seed)
 
-        # As HF's Trainer: an epoch's last step takes the batches left over, fewer when the
-        # accumulation steps do not divide the epoch's batches.
+        # As HF's Trainer: an epoch's last step takes the batches left over, fewer if GA does not divide their number.
         self.steps_per_epoch = math.ceil(self.data.batches_per_epoch / cfg.gradient_accumulation_steps)
         from_epochs = math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else from_epochs
@@ -122,9 +118,8 @@ class Trainer:
         cfg, device = self.cfg, self.dist.device
         dtype = model_dtype(cfg.torch_dtype, model_dir)
         self.policy = load_model(str(model_dir), dtype=dtype, device=device)
-        # The reference pi_ref: with LoRA the policy with its adapters off (reference_logps); else a
-        # frozen copy, in the policy's dtype and under the same autocast, so that the two agree
-        # exactly (KL 0) before the first step. SimPO has none.
+        # The reference pi_ref: with LoRA the policy with its adapters off (reference_logps), else a frozen copy in the
+        # same dtype under the same autocast, so the two agree exactly (KL 0) before the first step. SimPO has none.
         self.reference = None
         if cfg.use_peft:
             add_adapters(self.policy, LoraSpec(cfg.lora_r, cfg.lora_alpha, 0.0 if cfg.disable_dropout else cfg.lora_dropout,
@@ -139,8 +134,7 @@ class Trainer:
         if device.type == "cuda":  # size the cache for the longest sequence now: growing it recaptures graphs
             with gathered(self.policy), adapters_merged(self.policy):  # as every rollout will run
                 self.sampler.reserve(cfg.num_generations * cfg.per_device_train_batch_size, cfg.max_length)
-        # Each rank samples from its own seeded generator, saved in checkpoints so a resumed run
-        # draws the same completions as an uninterrupted one.
+        # Each rank's own seeded sampling generator, checkpointed: a resumed run draws what an uninterrupted one would.
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1000 * self.dist.rank)
         self.preference = Preference(cfg, device)
         for scorer in self.preference.scorers:
@@ -325,8 +319,7 @@ class Trainer:
         self.tracker.log_completions(self.step + 1, rows)
 
     def log(self, window: Metrics, last: dict, seconds: float):
-        """window: the steps since the last log, on this rank; last: values of the last step, the
-        same on every rank."""
+        """window: the steps since the last log, on this rank; last: values of the last step, the same on every rank."""
         total = window.reduce(self.dist.device)
         means = total.means() | last
         tokens = means.pop("completions/tokens", None)
