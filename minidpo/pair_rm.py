@@ -83,10 +83,6 @@ class Layer(nn.Module):
         return x.view(*x.shape[:-1], self.cfg.num_heads, -1).transpose(-2, -3)
 
     def forward(self, x, rel, index, key_bias):
-        x = self.attention(x, rel, index, key_bias)
-        return self.norm(x + self.down(F.gelu(self.up(x))))
-
-    def attention(self, x, rel, index, key_bias):
         R, N, H = x.shape
         cfg = self.cfg
         q, k, v = self.heads(self.query_proj(x)), self.heads(self.key_proj(x)), self.heads(self.value_proj(x))
@@ -97,7 +93,8 @@ class Layer(nn.Module):
         # [j, i] = k_j · Q_r(i,j): gathered along the key's rows, then transposed to [i, j]
         p2c = (k @ pos_query.transpose(-1, -2)).gather(-1, index.T.expand(R, cfg.num_heads, N, N)).transpose(-1, -2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias + (c2p + p2c) * scale, scale=scale)
-        return self.attention_norm(x + self.attention_out(out.transpose(1, 2).reshape(R, N, H)))
+        x = self.attention_norm(x + self.attention_out(out.transpose(1, 2).reshape(R, N, H)))
+        return self.norm(x + self.down(F.gelu(self.up(x))))
 
 
 class PairRM(nn.Module):
