@@ -72,9 +72,8 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    chunk_bytes: int = 256 * 2**20, cap: float | None = None) -> torch.Tensor:
-    """log p(targets) [...] in fp32 from final hidden states [..., hidden] (after the last norm),
-    the output embedding `weight` [vocab, hidden] and targets [...] (valid token ids everywhere:
-    put the pad id at padding and mask those positions afterwards).
+    """log p(targets) [...] in fp32 from final hidden states [..., hidden] (after the last norm), the output embedding
+    `weight` [vocab, hidden] and targets [...] (valid token ids everywhere: the pad id at padding, masked afterwards).
 
     Rows go chunk_bytes of fp32 logits at a time (at least one row): beyond what it is given and returns, it holds one
     chunk's logits, and in backward also the weight's gradient. cap: Gemma 2's final-logit soft-cap (None: none)."""
