@@ -79,6 +79,12 @@ TOKEN_IDS = ("a token id or a list of token ids",
              lambda v: COUNT[1](v) or isinstance(v, list) and all(COUNT[1](i) for i in v))
 
 
+def cache_dir() -> Path:
+    """Where minidpo keeps what it builds once per machine (the offline model, the CPU matmul choices):
+    $MINIDPO_CACHE, or ~/.cache/minidpo."""
+    return Path(os.environ.get("MINIDPO_CACHE") or Path.home() / ".cache" / "minidpo").expanduser()
+
+
 def temp_name(target: Path) -> Path:
     return Path(target).with_name(f".{Path(target).name}.tmp")
 

@@ -5,9 +5,10 @@
    the CPU. Which wins depends on the CPU and the shape (oneDNN by up to 2x on the AMD EPYCs of the
    results, MKL at hundreds of rows on their Zen 3), so each shape class times its first product on
    both, its weight read from memory as in a model (faster()), and keeps the faster; the two differ
-   by rounding only. MINIDPO_CPU_MATMUL=onednn|mkl
-   fixes the path (bit-for-bit repeats); auto is the default. Other products go to F.linear
-   (outside reusing_weights).
+   by rounding only. The choices are kept on disk per CPU model, torch version and thread count
+   (choices_file()): the machine's next runs compute as its first did, without timing again.
+   MINIDPO_CPU_MATMUL=onednn|mkl fixes the path; auto is the default. Other products go to
+   F.linear (outside reusing_weights).
 2. Weights reordered once for many products (reusing_weights). oneDNN copies a weight into its
    blocked layout at every product, which at a few rows costs as much as the product itself.
 3. Freed memory kept for reuse (keep_freed_memory). glibc serves every allocation over 32 MiB
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .common import cache_dir, read_json, write_json
 
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _reorder = torch.ops.mkldnn._reorder_linear_weight if _onednn_linear is not None else None  # -> oneDNN's layout
@@ -122,6 +125,55 @@ def faster(x, weight, bias) -> str:
     return min(times, key=lambda path: min(times[path][1:]))
 
 
+def cpu_model() -> str:
+    """The CPU's vendor, family, model and name from /proc/cpuinfo (a VM may name a Zen 3 and a Zen 4
+    both "AMD EPYC"), or what the platform module says elsewhere."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    return f"{info.get('vendor_id')} family {info.get('cpu family')} model {info.get('model')} ({info.get('model name')})"
+
+
+def choices_file() -> Path:
+    """$MINIDPO_CPU_CHOICES, or cpu_matmul.json in minidpo's cache: {machine(): {shape class: path}} for every
+    machine sharing it. Delete it to time again."""
+    return Path(os.environ.get("MINIDPO_CPU_CHOICES") or cache_dir() / "cpu_matmul.json")
+
+
+def machine() -> str:
+    """What a choice holds for: the CPU model, torch's version and its thread count."""
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def kept_choices() -> dict:
+    """{machine: {shape class: path}} from choices_file(), less what is not that; {} where the file is
+    missing or unreadable (a cache: its shape classes are timed again and the file rewritten)."""
+    try:
+        kept = read_json(choices_file())
+    except (OSError, ValueError):
+        return {}
+    return {name: {key: path for key, path in mine.items() if isinstance(path, str) and path in PATHS}
+            for name, mine in kept.items() if isinstance(mine, dict)}
+
+
+def keep(key: tuple, path: str):
+    """Add one choice to choices_file(), written whole under a temporary name and renamed over the old
+    file: a crash never leaves it half-written (two processes adding at once may lose one choice,
+    timed again next time). Where it cannot be written (a read-only home), the choice holds for this process."""
+    everything = kept_choices()
+    everything.setdefault(machine(), {})[str(key)] = path
+    target = choices_file()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        write_json(temporary, everything)
+        os.replace(temporary, target)
+    except OSError:
+        pass
+
+
 def _mm(x, weight, bias=None):
     """x [..., in] @ weight [out, in]^T (+ bias) on the path of its shape class; either may be a strided view."""
     setting = os.environ.get("MINIDPO_CPU_MATMUL", "auto")
@@ -131,7 +183,10 @@ def _mm(x, weight, bias=None):
         return PATHS[setting](x, weight, bias)
     key = shape_class(x, weight)
     if key not in _chosen:
-        _chosen[key] = faster(x, weight, bias)
+        _chosen[key] = kept_choices().get(machine(), {}).get(str(key))
+        if _chosen[key] is None:  # first met on this machine
+            _chosen[key] = faster(x, weight, bias)
+            keep(key, _chosen[key])
     return PATHS[_chosen[key]](x, weight, bias)
 
 

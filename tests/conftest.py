@@ -1,9 +1,16 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
 from minidpo import gguf_import
 from tiny_world import make_world
 from tokenizer_world import byte_level_bpe
+
+# The CPU matmul choices the tests make (tiny products, a busy machine) stay out of the user's cache:
+# here, and in the processes the tests start.
+os.environ["MINIDPO_CPU_CHOICES"] = os.path.join(tempfile.mkdtemp(prefix="minidpo-tests-"), "cpu_matmul.json")
 
 
 @pytest.fixture(scope="session")

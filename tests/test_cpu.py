@@ -1,7 +1,9 @@
 """cpu.py: both matmul paths against float64 products, the choice between them with a fake
 clock, and the allocator setting."""
 
+import json
 import platform
+import re
 import subprocess
 import sys
 
@@ -13,9 +15,10 @@ from minidpo import cpu
 
 
 @pytest.fixture
-def fresh_choice(monkeypatch):
-    """No shape class timed or chosen yet, and the default setting."""
+def fresh_choice(monkeypatch, tmp_path):
+    """No shape class timed or chosen yet, in this process or on disk, and the default setting."""
     monkeypatch.setattr(cpu, "_chosen", {})
+    monkeypatch.setenv("MINIDPO_CPU_CHOICES", str(tmp_path / "choices" / "cpu_matmul.json"))
     monkeypatch.delenv("MINIDPO_CPU_MATMUL", raising=False)
 
 
@@ -181,6 +184,60 @@ def test_a_fixed_path_skips_the_trials_and_a_bad_setting_names_the_variable(fres
     monkeypatch.setenv("MINIDPO_CPU_MATMUL", "blas")
     with pytest.raises(ValueError, match="MINIDPO_CPU_MATMUL must be auto, onednn or mkl, not 'blas'"):
         cpu.linear(torch.randn(4, 8), torch.randn(3, 8))
+
+
+def test_choices_are_kept_on_disk_for_the_machines_next_runs(fresh_choice, monkeypatch):
+    FakeClock(monkeypatch, lambda path, x, w: {"onednn": 2.0, "mkl": 1.0}[path])
+    x, weight = torch.randn(4, 8), torch.randn(3, 8)
+    cpu.linear(x, weight)
+    this_machine, key = cpu.machine(), str(cpu.shape_class(x, weight))
+    assert json.loads(cpu.choices_file().read_text()) == {this_machine: {key: "mkl"}}
+    assert [p.name for p in cpu.choices_file().parent.iterdir()] == ["cpu_matmul.json"]  # no temporary left
+
+    # The machine's next process, where timing would now pick oneDNN: the kept choice, untimed.
+    monkeypatch.setattr(cpu, "_chosen", {})
+    clock = FakeClock(monkeypatch, lambda path, x, w: {"onednn": 1.0, "mkl": 2.0}[path])
+    cpu.linear(x, weight)
+    assert clock.calls == ["mkl"]
+    # Another CPU (or torch, or thread count) sharing the cache times for itself; both are kept.
+    monkeypatch.setattr(cpu, "_chosen", {})
+    monkeypatch.setattr(cpu, "machine", lambda: "another machine")
+    cpu.linear(x, weight)
+    assert cpu.choices() == {cpu.shape_class(x, weight): "onednn"}
+    assert json.loads(cpu.choices_file().read_text()) == {this_machine: {key: "mkl"}, "another machine": {key: "onednn"}}
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"MACHINE": [1]}', '{"MACHINE": {"KEY": "rm -rf /"}}',
+                                     '{"MACHINE": {"KEY": ["mkl"]}}'])
+def test_a_broken_or_foreign_choices_file_is_timed_again_and_rewritten(fresh_choice, monkeypatch, content):
+    x, weight = torch.randn(4, 8), torch.randn(3, 8)
+    key = str(cpu.shape_class(x, weight))
+    cpu.choices_file().parent.mkdir()
+    cpu.choices_file().write_text(content.replace("MACHINE", cpu.machine()).replace("KEY", key))
+    clock = FakeClock(monkeypatch, lambda path, x, w: {"onednn": 2.0, "mkl": 1.0}[path])
+    cpu.linear(x, weight)
+    assert "onednn" in clock.calls  # timed: nothing usable was kept
+    assert json.loads(cpu.choices_file().read_text())[cpu.machine()] == {key: "mkl"}
+
+
+def test_an_unwritable_choices_file_keeps_the_choice_for_the_process(fresh_choice, monkeypatch, tmp_path):
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("MINIDPO_CPU_CHOICES", str(tmp_path / "a file" / "cpu_matmul.json"))  # its folder cannot be made
+    clock = FakeClock(monkeypatch, lambda path, x, w: {"onednn": 2.0, "mkl": 1.0}[path])
+    x, weight = torch.randn(4, 8), torch.randn(3, 8)
+    for _ in range(3):
+        cpu.linear(x, weight)
+    assert clock.calls[-3:] == ["mkl"] * 3 and cpu.choices() == {cpu.shape_class(x, weight): "mkl"}
+
+
+def test_the_machine_is_named_by_its_cpu_model_torch_and_threads():
+    name = cpu.machine()
+    assert f"torch {torch.__version__} | {torch.get_num_threads()} threads" in name
+    if platform.system() == "Linux":  # /proc/cpuinfo: the family and model tell CPUs of one marketing name apart
+        text = open("/proc/cpuinfo").read()
+        vendor, family, model = (re.search(rf"^{field}\s*: (.*)$", text, re.M).group(1)
+                                 for field in ("vendor_id", "cpu family", "model"))
+        assert name.startswith(f"{vendor} family {family} model {model} (")
 
 
 @pytest.fixture
