@@ -125,14 +125,6 @@ def copy_bytes_per_s(device):
     return 2 * 4 * src.numel() / best
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
-
-
 def matmul_choice():
     """What minidpo's fp32 CPU linears ran on: MINIDPO_CPU_MATMUL, and with auto how many shape
     classes chose each path (minidpo/cpu.py)."""
@@ -148,6 +140,8 @@ def main():
             sys.exit("--shape qwen2-0.5b needs --device cuda")
         args.dtype = "bfloat16"
     torch.set_num_threads(args.threads)
+    # This run times its own matmul choices, not those an earlier run on the machine kept (cpu.choices_file).
+    os.environ["MINIDPO_CPU_CHOICES"] = os.path.join(tempfile.mkdtemp(prefix="minidpo-bench-"), "cpu_matmul.json")
     with tempfile.TemporaryDirectory(prefix="minidpo-bench-") as workdir:
         model, hf, ids, mask, eos, pad = load(args, workdir)
     ids, mask = ids.to(args.device), mask.to(args.device)
@@ -210,7 +204,7 @@ def main():
         r["floor_fraction"] = batch_floor / r["batch_s"]
         r["b1_floor_fraction"] = step_floor * 1e3 / r["b1_ms_per_token"]
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu.cpu_model()
     graphs = "n/a" if not args.device.startswith("cuda") else "off" if args.no_cuda_graphs else "on"
     print(f"model {args.shape or args.model} | {args.device} ({device_name}) | {args.dtype} | threads {args.threads}"
           f" | cuda graphs {graphs} | compile {'on' if args.compile else 'off'}")

@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from generate import cpu_name  # bench/generate.py, beside this script
-from minidpo import load_pretrained
+from minidpo import cpu, load_pretrained
 from minidpo.lora import LoraSpec, adapters_merged, add_adapters
 from minidpo.sampler import Sampler
 
@@ -59,7 +58,7 @@ def main():
             run()
             if i:  # round 0 warms up
                 times[name].append(time.perf_counter() - start)
-    print(f"SmolLM2-135M fp32 | cpu ({cpu_name()}) | threads {args.threads} | LoRA r={args.rank} on {args.targets} "
+    print(f"SmolLM2-135M fp32 | cpu ({cpu.cpu_model()}) | threads {args.threads} | LoRA r={args.rank} on {args.targets} "
           f"targets | {args.batch} prompts x 2 x {args.new_tokens} tokens | medians of {args.rounds}")
     for name, ts in times.items():
         print(f"{name:10} {statistics.median(ts):6.3f} s per rollout (min {min(ts):.3f}, max {max(ts):.3f})")

@@ -6,7 +6,7 @@ SmolLM2-135M (hidden 576; q/k/v fused 960, gate/up fused 3072, down 1536 -> 576,
 at 1 row (batch-1 decode), 32 rows (the sampler's 16 x 2 decode) and 512 rows (prefill, scoring,
 the log-prob passes), the forward product and the two backward ones (dL/dx = g W, dL/dW = g^T x),
 each path timed in turn after a warm-up of both, median of --repeats; then which path the auto
-choice picked for the same products in this process. As the choice does, each call multiplies the
+choice's timing (cpu.faster) picks for the same products now. As the choice does, each call multiplies the
 next of cpu.cold_copies(weight), so that its weight comes from memory as in a model, and the decode
 rows' forward products use weights reordered once (cpu.reusing_weights, as the sampler runs them).
 
@@ -24,7 +24,6 @@ import time
 
 import torch
 
-from generate import cpu_name  # bench/generate.py, beside this script
 from minidpo import cpu
 
 LAYERS = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "vocab": (49152, 576)}
@@ -45,7 +44,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["MINIDPO_CPU_MATMUL"] = "auto"
-    print(f"{cpu_name()} | threads {args.threads} | torch {torch.__version__} | python {platform.python_version()}"
+    print(f"{cpu.cpu_model()} | threads {args.threads} | torch {torch.__version__} | python {platform.python_version()}"
           f" | {time.strftime('%Y-%m-%d')} | medians of {args.repeats}, ms")
     print(f"{'rows':12}{'layer':9}{'product':9}{'onednn':>9}{'mkl':>9}{'mkl/onednn':>12}{'auto picks':>12}")
     table = []
@@ -65,8 +64,7 @@ def main():
                 del operands
                 with cpu.reusing_weights() if reused else contextlib.nullcontext():
                     weight = torch.nn.Parameter(b, requires_grad=False) if reused else b
-                    cpu._mm(a, weight)
-                    picked = cpu.choices()[cpu.shape_class(a, weight)]
+                    picked = cpu.faster(a, weight, None)  # timed now, not kept from an earlier run
                 ms = {path: statistics.median(t) for path, t in times.items()}
                 table.append(dict(rows=rows, layer=layer, product=product, picked=picked, **{f"{k}_ms": v for k, v in ms.items()}))
                 print(f"{row_name:12}{layer:9}{product:9}{ms['onednn']:9.3f}{ms['mkl']:9.3f}"
@@ -77,7 +75,7 @@ def main():
     print(f"sum over the table: onednn {total['onednn']:.1f} ms, mkl {total['mkl']:.1f} ms, "
           f"faster of the two each time {best:.1f} ms, auto's picks {auto:.1f} ms")
     if args.json:
-        print(json.dumps({"cpu": cpu_name(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+        print(json.dumps({"cpu": cpu.cpu_model(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
                           "rows": table, "sum_ms": {**total, "best": best, "auto": auto}}))
 
 

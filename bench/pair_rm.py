@@ -12,7 +12,6 @@ The two sides run in turn after a warm-up of each; medians of the repeats.
 """
 
 import argparse
-import platform
 import resource
 import statistics
 import time
@@ -20,6 +19,7 @@ import time
 import torch
 import transformers as T
 
+from minidpo import cpu
 from minidpo.pair_rm import EncoderConfig, PairRM, PairRMJudge, hf_name
 
 SHAPE = dict(vocab_size=128005, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16)
@@ -91,7 +91,7 @@ def main():
                     torch.cuda.synchronize()
                     peaks[name] = torch.cuda.max_memory_allocated() / 2**30
                 times[name].append(time.perf_counter() - start)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, transformers {T.__version__}, "
+    print(f"{cpu.cpu_model()}, torch {torch.__version__}, transformers {T.__version__}, "
           f"{torch.get_num_threads()} threads, {args.device}, {args.dtype}, {args.pairs} pairs x 2 rows x "
           f"{ids.shape[1]} tokens, {ours.cfg.num_layers} layers")
     if not cuda:

@@ -326,7 +326,7 @@ def main():
     if args.side:
         return child(args)
     import torch
-    from generate import cpu_name  # bench/generate.py, beside this script; only the parent needs it
+    from minidpo.cpu import cpu_model
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         prompts_file = os.path.join(tmp, "prompts.jsonl")
         with open(PROMPTS) as f, open(prompts_file, "w") as out:
@@ -343,7 +343,10 @@ def main():
         for _ in range(args.rounds):
             for side in runs:
                 cmd = [sys.executable, os.path.abspath(__file__), "--side", side, *common]
-                env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+                # minidpo times its matmul choices in the first round and keeps them for the next
+                # (cpu.choices_file), not those of an earlier run on the machine.
+                env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
+                           MINIDPO_CPU_CHOICES=os.path.join(tmp, "cpu_matmul.json"))
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode:
                     sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
@@ -366,7 +369,7 @@ def main():
     mem_ratio = res["minidpo"][memory] / res["trl"][memory]
     n = args.rounds * args.steps
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({cpu_name()})"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({cpu_model()})"
     reward = "reward model (policy + score head)" if reward_model else "brevity rule"
     print(f"model {args.shape or MODEL} {'bf16 autocast' if args.bf16 else 'fp32'} | {device} | "
           f"threads {args.threads} | " + " | ".join(f"{k} {v}" for k, v in versions.items()))
