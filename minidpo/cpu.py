@@ -144,7 +144,7 @@ def choices_file() -> Path:
 
 def machine() -> str:
     """What a choice holds for: the CPU model, torch's version and its thread count."""
-    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return f"{cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()}"
 
 
 def kept_choices() -> dict:
